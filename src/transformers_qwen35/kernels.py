@@ -1,0 +1,167 @@
+"""The one place that chooses between fla's Triton kernels and the exact PyTorch ops.
+
+The choice is made per call from the tensors' device, never from whether ``fla`` imports: with triton installed on a
+CPU-only machine ``import fla`` succeeds and every kernel then fails ("0 active drivers"), which is how built-in
+transformers crashes there. fla is imported lazily, only once a CUDA tensor asks for it.
+
+``TRANSFORMERS_QWEN35_KERNELS`` overrides the choice: ``auto`` (default), ``torch`` (always the PyTorch ops) or
+``fla`` (always fla; an error if it cannot be imported). Each path taken is logged once.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import SimpleNamespace
+
+import torch
+from transformers.utils import logging
+
+from .ops.causal_conv import causal_conv1d as torch_causal_conv1d
+from .ops.gated_delta_rule import chunk_gated_delta_rule as torch_chunk_gated_delta_rule
+from .ops.gated_delta_rule import recurrent_gated_delta_rule as torch_recurrent_gated_delta_rule
+from .ops.gated_norm import gated_rms_norm as torch_gated_rms_norm
+
+logger = logging.get_logger(__name__)
+
+KERNELS_ENV = "TRANSFORMERS_QWEN35_KERNELS"
+MODES = ("auto", "torch", "fla")
+_logged: set[str] = set()
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{KERNELS_ENV}={mode!r} is not understood; use one of {', '.join(MODES)}.")
+    return mode
+
+
+@functools.cache
+def _load_fla() -> SimpleNamespace | None:
+    """fla's kernels, or None if they cannot be imported (no fla-core, no triton, or an incompatible version)."""
+    try:
+        gdn = importlib.import_module("fla.ops.gated_delta_rule")
+        conv = importlib.import_module("fla.modules.causal_conv1d")
+        norm = importlib.import_module("fla.modules.norm.fused_norm_gate")
+    except Exception as error:  # ImportError, or triton raising at import on an unsupported platform
+        logger.info(f"fla kernels unavailable ({type(error).__name__}: {error}); using the PyTorch ops.")
+        return None
+    return SimpleNamespace(
+        chunk=gdn.chunk_gated_delta_rule,
+        fused_recurrent=gdn.fused_recurrent_gated_delta_rule,
+        conv=conv.causal_conv1d,
+        conv_update=conv.causal_conv1d_update,
+        rms_norm_gated=norm.rms_norm_gated,
+    )
+
+
+def _log_once(path: str, message: str) -> None:
+    if path not in _logged:
+        _logged.add(path)
+        logger.info(message)
+
+
+def _triton_version() -> tuple[int, ...] | None:
+    try:
+        import triton
+    except Exception:
+        return None
+    parts = []
+    for piece in triton.__version__.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _hopper_backward_refused(tensor: torch.Tensor) -> bool:
+    """fla-core 0.6 refuses the gated chunk backward on Hopper with Triton in [3.4.0, 3.7.1) (fla issue #640)."""
+    if not (torch.is_grad_enabled() and tensor.requires_grad and tensor.is_cuda):
+        return False
+    if torch.cuda.get_device_capability(tensor.device)[0] != 9:
+        return False
+    version = _triton_version()
+    return version is not None and (3, 4, 0) <= version < (3, 7, 1)
+
+
+def fla_kernels(tensor: torch.Tensor) -> SimpleNamespace | None:
+    """fla's kernels if this tensor should run on them, else None (the PyTorch ops)."""
+    mode = kernel_mode()
+    if mode == "torch":
+        _log_once("torch-forced", f"{KERNELS_ENV}=torch: Gated DeltaNet layers run on the PyTorch ops.")
+        return None
+    if mode == "fla":
+        fla = _load_fla()
+        if fla is None:
+            raise RuntimeError(
+                f"{KERNELS_ENV}=fla but fla's kernels cannot be imported. Install them with "
+                "`pip install 'fla-core>=0.6,<0.7' triton` on a machine with a supported GPU, or unset the variable."
+            )
+        _log_once("fla-forced", f"{KERNELS_ENV}=fla: Gated DeltaNet layers run on fla's kernels.")
+        return fla
+    if tensor.device.type != "cuda" or torch.compiler.is_exporting():
+        _log_once("torch-auto", f"Gated DeltaNet layers on {tensor.device.type} tensors run on the PyTorch ops.")
+        return None
+    fla = _load_fla()
+    if fla is None:
+        _log_once(
+            "torch-nofla",
+            "fla kernels are not installed: Gated DeltaNet layers run on the exact but slower PyTorch ops. "
+            "Install `fla-core` and `triton` for the fast path.",
+        )
+        return None
+    if _hopper_backward_refused(tensor):
+        if "hopper" not in _logged:
+            _logged.add("hopper")
+            logger.warning(
+                "Training on a Hopper GPU with Triton < 3.7.1: fla refuses this backward (fla issue #640), so "
+                "Gated DeltaNet layers train on the PyTorch ops (correct, slower). Upgrade to torch >= 2.12.1 "
+                "(Triton >= 3.7.1) for the fast path."
+            )
+        return None
+    _log_once("fla-auto", "Gated DeltaNet layers on CUDA tensors run on fla's kernels.")
+    return fla
+
+
+def gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Shapes: q, k ``(B, T, H_k, d_k)``; v ``(B, T, H_v, d_v)``; g (fp32 log-decay), beta ``(B, T, H_v)``;
+    states ``(B or N, H_v, d_k, d_v)`` fp32. Returns ``(o, final_state | None)``."""
+    fla = fla_kernels(v)
+    decode = q.shape[1] == 1 and cu_seqlens is None
+    if fla is None:
+        if decode:
+            return torch_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state)
+        return torch_chunk_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state, cu_seqlens)
+    common = dict(initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)
+    if decode and not torch.is_grad_enabled():
+        # The fused recurrent kernel has no backward: decode only.
+        return fla.fused_recurrent(q, k, v, g=g, beta=beta, **common)
+    return fla.chunk(q, k, v, g=g, beta=beta, cu_seqlens=cu_seqlens, **common)
+
+
+def causal_conv1d(x, weight, conv_state=None, cu_seqlens=None, position_in_segment=None, need_state=False):
+    """Causal depthwise conv + SiLU. ``x`` ``(B, T, D)``, ``weight`` ``(D, K)``, state ``(B, D, K)``.
+
+    Returns ``(y, new_state)``; ``new_state`` is None on the fla path unless ``need_state``.
+    """
+    fla = fla_kernels(x)
+    if fla is None:
+        return torch_causal_conv1d(x, weight, conv_state, position_in_segment)
+    if x.shape[1] == 1 and conv_state is not None and cu_seqlens is None and not torch.is_grad_enabled():
+        y, _ = fla.conv_update(x, conv_state, weight=weight, activation="silu")  # updates conv_state in place
+        return y, conv_state
+    return fla.conv(
+        x,
+        weight=weight,
+        initial_state=conv_state,
+        output_final_state=need_state,
+        activation="silu",
+        cu_seqlens=cu_seqlens,
+    )
+
+
+def gated_rms_norm(x, gate, weight, eps):
+    fla = fla_kernels(x)
+    if fla is None:
+        return torch_gated_rms_norm(x, gate, weight, eps)
+    return fla.rms_norm_gated(x, gate, weight.to(x.dtype), None, activation="silu", eps=eps)

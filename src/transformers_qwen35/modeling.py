@@ -1,0 +1,560 @@
+"""The Qwen3.5 language model: Gated DeltaNet and gated full-attention layers, 3:1.
+
+What is notable, in the order a token meets it:
+
+* every RMSNorm is zero-centred (``x_hat * (1 + w)``) except the DeltaNet output norm, which has a plain weight;
+* a DeltaNet layer projects to ``[Q | K | V]`` (flat, head-major), runs a width-4 causal depthwise conv + SiLU over
+  time, then the gated delta rule with an fp32 state, a per-head RMSNorm gated by SiLU(z), and ``out_proj``;
+* a full-attention layer's ``q_proj`` is twice as wide: per head ``[query; gate]`` interleaved. q and k get a
+  zero-centred RMSNorm, then rotary embedding on their first 64 dims only, with the (T, H, W) position rows
+  interleaved over the 32 frequency slots (multimodal RoPE; for text all three rows are equal). The attention output
+  is multiplied by ``sigmoid(gate)`` before ``o_proj``;
+* padded positions are zeroed before every DeltaNet layer, which makes left padding exact; packed samples are kept
+  apart in every layer (see ``packing.py``).
+
+Module attribute names are the checkpoint keys, so official weights load unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from . import kernels
+from .cache import Qwen3_5HybridCache
+from .configuration import FULL_ATTENTION, LINEAR_ATTENTION, Qwen3_5Config, Qwen3_5TextConfig
+from .packing import Segments, find_segments
+
+try:  # transformers >= 5.x keeps the initialisers that respect already-loaded weights here
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover
+    init = nn.init
+
+# transformers renamed the output/input field `past_key_values` to `cache` in late 5.x.
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+class Qwen3_5RMSNorm(nn.Module):
+    """Zero-centred RMSNorm: ``x_hat * (1 + w)`` computed in fp32, weights initialised to 0."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_fp32 = x.float()
+        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).type_as(x)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class Qwen3_5RMSNormGated(nn.Module):
+    """The DeltaNet output norm (plain weight, SiLU gate); the kernel choice lives in ``kernels.py``."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return kernels.gated_rms_norm(x, gate, self.weight, self.eps)
+
+
+class Qwen3_5MLP(nn.Module):
+    def __init__(self, config: Qwen3_5TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3_5TextRotaryEmbedding(nn.Module):
+    """cos/sin for the rotary slice, each frequency slot taking its angle from the T, H or W position row."""
+
+    def __init__(self, config: Qwen3_5TextConfig):
+        super().__init__()
+        rope = config.rope_parameters
+        self.rope_type = rope.get("rope_type", "default")
+        if self.rope_type == "default":
+            dim = config.rotary_dim
+            inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+            self.attention_scaling = 1.0
+        else:
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config, None)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        half = inv_freq.shape[0]
+        # Slots 1, 4, 7... take H, slots 2, 5, 8... take W, within their section's reach; the rest take T.
+        section = config.mrope_section
+        axis = torch.zeros(half, dtype=torch.long)
+        for row, offset in ((1, 1), (2, 2)):
+            axis[offset : 3 * section[row] : 3] = row
+        self.register_buffer("slot_axis", axis, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``position_ids`` ``(3, B, T)`` -> cos, sin ``(B, T, rotary_dim)`` in ``x``'s dtype."""
+        positions = position_ids[self.slot_axis.to(position_ids.device)].float()  # (half, B, T)
+        angles = positions.permute(1, 2, 0) * self.inv_freq.to(device=x.device, dtype=torch.float32)
+        angles = torch.cat([angles, angles], dim=-1)
+        cos = angles.cos() * self.attention_scaling
+        sin = angles.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first ``cos.shape[-1]`` dims of ``x`` ``(B, H, T, D)``; the rest pass through unchanged."""
+    rotary_dim = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
+    rotated = rotated * cos + _rotate_half(rotated) * sin
+    return torch.cat([rotated, passed], dim=-1)
+
+
+def eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Plain softmax attention with grouped KV heads; ``attention_mask`` is boolean (True = may attend)."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scores = (query @ key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
+class Qwen3_5Attention(nn.Module):
+    """Gated full attention (GQA, q/k norms, partial multimodal RoPE, sigmoid output gate)."""
+
+    is_causal = True
+
+    def __init__(self, config: Qwen3_5TextConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim * 2, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = Qwen3_5RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = Qwen3_5RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+        batch, length, _ = hidden_states.shape
+        query_and_gate = self.q_proj(hidden_states).view(batch, length, self.num_heads, 2 * self.head_dim)
+        query, gate = query_and_gate.split(self.head_dim, dim=-1)
+        gate = gate.reshape(batch, length, -1)
+        query = self.q_norm(query).transpose(1, 2)
+        key = self.k_norm(self.k_proj(hidden_states).view(batch, length, -1, self.head_dim)).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query, key = apply_partial_rotary(query, cos, sin), apply_partial_rotary(key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        implementation = self.config._attn_implementation or "eager"
+        attend = eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        output, weights = attend(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        output = output.reshape(batch, length, -1) * torch.sigmoid(gate)
+        return self.o_proj(output), weights
+
+
+class Qwen3_5GatedDeltaNet(nn.Module):
+    """Gated DeltaNet linear attention. Parameters per layer: ``in_proj_qkv`` (h -> 2*H_k*d_k + H_v*d_v),
+    ``in_proj_z`` (h -> H_v*d_v), ``in_proj_b`` / ``in_proj_a`` (h -> H_v), a depthwise ``conv1d`` of width K,
+    ``A_log`` and ``dt_bias`` (H_v), the output ``norm`` (d_v) and ``out_proj`` (H_v*d_v -> h). No biases."""
+
+    def __init__(self, config: Qwen3_5TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_k_heads = config.linear_num_key_heads
+        self.num_v_heads = config.linear_num_value_heads
+        self.head_k_dim = config.linear_key_head_dim
+        self.head_v_dim = config.linear_value_head_dim
+        self.key_dim = self.num_k_heads * self.head_k_dim
+        self.value_dim = self.num_v_heads * self.head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.conv_kernel_size = config.linear_conv_kernel_dim
+
+        self.in_proj_qkv = nn.Linear(config.hidden_size, self.conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(config.hidden_size, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(config.hidden_size, self.num_v_heads, bias=False)
+        self.in_proj_a = nn.Linear(config.hidden_size, self.num_v_heads, bias=False)
+        # Only its weight is used (by the conv kernel); kept as a Conv1d for the checkpoint's [D, 1, K] layout.
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, self.conv_kernel_size, groups=self.conv_dim, bias=False,
+            padding=self.conv_kernel_size - 1,
+        )  # fmt: skip
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_v_heads).uniform_(0.01, 16).log())
+        self.norm = Qwen3_5RMSNormGated(self.head_v_dim, eps=config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states, padding_mask=None, segments: Segments | None = None, cache=None):
+        batch, length, _ = hidden_states.shape
+        if padding_mask is not None:
+            # Zeroed inputs give zero keys, so the state ignores pads: this is what makes left padding exact.
+            hidden_states = hidden_states.masked_fill(~padding_mask[..., None], 0.0)
+        conv_state = cache.conv_states[self.layer_idx] if cache is not None else None
+        recurrent_state = cache.recurrent_states[self.layer_idx] if cache is not None else None
+
+        mixed = self.in_proj_qkv(hidden_states)
+        z = self.in_proj_z(hidden_states).view(batch, length, self.num_v_heads, self.head_v_dim)
+        beta = self.in_proj_b(hidden_states).sigmoid()
+        # In fp32: exp(A_log) overflows in half precision.
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(hidden_states).float() + self.dt_bias)
+
+        cu_seqlens = position_in_segment = None
+        if segments is not None:
+            # Packed: one flat row, boundaries handed to the conv and the recurrence alike.
+            mixed, beta, g = (t.reshape(1, batch * length, *t.shape[2:]) for t in (mixed, beta, g))
+            cu_seqlens = segments.cu_seqlens
+            position_in_segment = segments.position_in_segment.reshape(1, -1)
+        mixed, new_conv_state = kernels.causal_conv1d(
+            mixed,
+            self.conv1d.weight.squeeze(1),
+            conv_state,
+            cu_seqlens=cu_seqlens,
+            position_in_segment=position_in_segment,
+            need_state=cache is not None,
+        )
+        query, key, value = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        rows, tokens = mixed.shape[:2]
+        query = query.reshape(rows, tokens, self.num_k_heads, self.head_k_dim)
+        key = key.reshape(rows, tokens, self.num_k_heads, self.head_k_dim)
+        value = value.reshape(rows, tokens, self.num_v_heads, self.head_v_dim)
+
+        output, new_recurrent_state = kernels.gated_delta_rule(
+            query, key, value, g, beta, recurrent_state, output_final_state=cache is not None, cu_seqlens=cu_seqlens
+        )
+        if cache is not None:
+            cache.conv_states[self.layer_idx] = new_conv_state
+            cache.recurrent_states[self.layer_idx] = new_recurrent_state
+
+        output = self.norm(output.reshape(batch, length, self.num_v_heads, self.head_v_dim), z)
+        return self.out_proj(output.reshape(batch, length, self.value_dim))
+
+
+class Qwen3_5DecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: Qwen3_5TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        if self.layer_type == LINEAR_ATTENTION:
+            self.linear_attn = Qwen3_5GatedDeltaNet(config, layer_idx)
+        else:
+            self.self_attn = Qwen3_5Attention(config, layer_idx)
+        self.mlp = Qwen3_5MLP(config)
+        self.input_layernorm = Qwen3_5RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen3_5RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states,
+        position_embeddings=None,
+        attention_mask=None,
+        padding_mask=None,
+        segments=None,
+        cache=None,
+        **kwargs,
+    ):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        weights = None
+        if self.layer_type == LINEAR_ATTENTION:
+            hidden_states = self.linear_attn(hidden_states, padding_mask=padding_mask, segments=segments, cache=cache)
+        else:
+            hidden_states, weights = self.self_attn(
+                hidden_states, position_embeddings, attention_mask=attention_mask, cache=cache, **kwargs
+            )
+        hidden_states = residual + hidden_states
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, weights
+
+
+class Qwen3_5PreTrainedModel(PreTrainedModel):
+    config_class = Qwen3_5Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen3_5DecoderLayer", "Qwen3_5VisionBlock"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _keys_to_ignore_on_load_unexpected = [r"^mtp\.", r"^model\.visual\."]
+    # The official files store these two in fp32; keeping them so also saves them unchanged.
+    _keep_in_fp32_modules = ["A_log", "linear_attn.norm"]
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model creates its own Qwen3_5HybridCache
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, Qwen3_5GatedDeltaNet):
+            init.ones_(module.dt_bias)
+            init.copy_(module.A_log, torch.empty_like(module.A_log).uniform_(0.01, 16).log_())
+        elif isinstance(module, Qwen3_5RMSNormGated):
+            init.ones_(module.weight)
+        elif isinstance(module, Qwen3_5RMSNorm):
+            init.zeros_(module.weight)
+
+
+def _text_positions(position_ids, batch, length, past, device):
+    """Split any accepted position layout into (text positions (B, T) or None, rope rows (3, B, T))."""
+    if position_ids is None:
+        text = torch.arange(past, past + length, device=device).unsqueeze(0).expand(batch, -1)
+        return None, text.unsqueeze(0).expand(3, -1, -1)
+    if position_ids.dim() == 2:
+        return position_ids, position_ids.unsqueeze(0).expand(3, -1, -1)
+    if position_ids.dim() == 3 and position_ids.shape[0] == 4:
+        return position_ids[0], position_ids[1:]
+    if position_ids.dim() == 3 and position_ids.shape[0] == 3:
+        return None, position_ids
+    raise ValueError(
+        f"position_ids must have shape (batch, seq), (3, batch, seq) or (4, batch, seq); got {tuple(position_ids.shape)}."
+    )
+
+
+def _attention_mask(key_valid, segments, batch, length, past, device):
+    """Boolean ``(B, 1, T, past + T)`` mask (True = may attend), or None when plain causal attention is exact."""
+    if key_valid is None and segments is None and (past == 0 or length == 1):
+        return None
+    query_pos = torch.arange(past, past + length, device=device)
+    key_pos = torch.arange(past + length, device=device)
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None].expand(batch, -1, -1)
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :]
+    if segments is not None:
+        ids = segments.segment_ids
+        allowed = allowed & (ids[:, :, None] == ids[:, None, :])
+    # A query with nothing to attend to (a left pad) would give NaNs; let it see itself instead.
+    lonely = ~allowed.any(-1, keepdim=True)
+    diagonal = key_pos[None, None, :] == query_pos[None, :, None]
+    allowed = allowed | (lonely & diagonal)
+    return allowed[:, None]
+
+
+class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
+    config_class = Qwen3_5TextConfig
+
+    def __init__(self, config: Qwen3_5TextConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(Qwen3_5DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Qwen3_5RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen3_5TextRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        cache=None,
+        cache_position=None,
+        **kwargs,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, Qwen3_5HybridCache):
+            raise TypeError(
+                f"Qwen3.5 needs its own cache (Qwen3_5HybridCache), got {type(cache).__name__}. "
+                "Pass the cache a previous call returned, or none."
+            )
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        past = cache.get_seq_length() if cache is not None else 0
+
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask must be a 2-D (batch, past + seq) padding mask, got shape {tuple(attention_mask.shape)}."
+            )
+        key_valid = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_valid = attention_mask.bool()
+            if key_valid.shape[-1] != past + length:
+                raise ValueError(
+                    f"attention_mask covers {key_valid.shape[-1]} positions but the cache holds {past} and the input "
+                    f"adds {length}: it must cover both."
+                )
+        text_positions, rope_positions = _text_positions(position_ids, batch, length, past, device)
+        segments = find_segments(
+            text_positions,
+            attention_mask,
+            past,
+            (batch, length),
+            cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
+            seq_idx=kwargs.pop("seq_idx", None),
+        )
+        if segments is not None and cache is not None and past > 0:
+            raise ValueError("A packed batch cannot continue a cache: pack only fresh sequences.")
+        if use_cache and cache is None and segments is None:
+            cache = Qwen3_5HybridCache(self.config)
+
+        implementation = self.config._attn_implementation or "eager"
+        if implementation.startswith("flash") or "flash" in implementation:
+            attention_mask_4d = attention_mask if key_valid is not None else None
+            if segments is not None:
+                kwargs.setdefault("cu_seq_lens_q", segments.cu_seqlens)
+                kwargs.setdefault("cu_seq_lens_k", segments.cu_seqlens)
+                kwargs.setdefault("max_length_q", segments.max_length)
+                kwargs.setdefault("max_length_k", segments.max_length)
+        else:
+            attention_mask_4d = _attention_mask(key_valid, segments, batch, length, past, device)
+        padding_mask = key_valid[:, -length:] if key_valid is not None and length > 1 else None
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, rope_positions)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, weights = layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask_4d,
+                padding_mask=padding_mask,
+                segments=segments,
+                cache=cache if use_cache else None,
+                position_ids=text_positions,
+                **kwargs,
+            )
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions and layer.layer_type == FULL_ATTENTION:
+                all_attentions += (weights,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+        if use_cache and cache is not None:
+            cache.seen_tokens += length
+
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            **{CACHE_FIELD: cache if use_cache else None},
+        )
+
+
+class Qwen3_5ForCausalLM(Qwen3_5PreTrainedModel, GenerationMixin):
+    config_class = Qwen3_5TextConfig
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: Qwen3_5TextConfig):
+        super().__init__(config)
+        self.model = Qwen3_5TextModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        logits_to_keep=0,
+        cache=None,
+        cache_position=None,
+        **kwargs,
+    ):
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            cache=cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
