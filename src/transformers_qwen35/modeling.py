@@ -87,28 +87,36 @@ class Qwen3_5TextRotaryEmbedding(nn.Module):
 
     def __init__(self, config: Qwen3_5TextConfig):
         super().__init__()
-        rope = config.rope_parameters
-        self.rope_type = rope.get("rope_type", "default")
-        if self.rope_type == "default":
-            dim = config.rotary_dim
-            inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-            self.attention_scaling = 1.0
-        else:
-            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config, None)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        half = inv_freq.shape[0]
-        # Slots 1, 4, 7... take H, slots 2, 5, 8... take W, within their section's reach; the rest take T.
-        section = config.mrope_section
-        axis = torch.zeros(half, dtype=torch.long)
-        for row, offset in ((1, 1), (2, 2)):
-            axis[offset : 3 * section[row] : 3] = row
-        self.register_buffer("slot_axis", axis, persistent=False)
+        self.config = config
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        # Frequencies are computed on first use, not stored as buffers: from_pretrained builds modules on the meta
+        # device and does not refill non-persistent buffers.
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.attention_scaling = 1.0
+
+    def _frequencies(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._tables:
+            config = self.config
+            if self.rope_type == "default":
+                dim = config.rotary_dim
+                exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+                inv_freq = 1.0 / (config.rope_parameters["rope_theta"] ** exponents)
+            else:
+                inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config, device)
+            # Slots 1, 4, 7... take the H row, slots 2, 5, 8... the W row, within their section; the rest take T.
+            section = config.mrope_section
+            axis = torch.zeros(inv_freq.shape[0], dtype=torch.long, device=device)
+            for row in (1, 2):
+                axis[row : 3 * section[row] : 3] = row
+            self._tables[device] = (inv_freq.float(), axis)
+        return self._tables[device]
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``position_ids`` ``(3, B, T)`` -> cos, sin ``(B, T, rotary_dim)`` in ``x``'s dtype."""
-        positions = position_ids[self.slot_axis.to(position_ids.device)].float()  # (half, B, T)
-        angles = positions.permute(1, 2, 0) * self.inv_freq.to(device=x.device, dtype=torch.float32)
+        inv_freq, axis = self._frequencies(x.device)
+        positions = position_ids.to(x.device)[axis].float()  # (half, B, T)
+        angles = positions.permute(1, 2, 0) * inv_freq
         angles = torch.cat([angles, angles], dim=-1)
         cos = angles.cos() * self.attention_scaling
         sin = angles.sin() * self.attention_scaling
@@ -308,6 +316,7 @@ class Qwen3_5DecoderLayer(GradientCheckpointingLayer):
 
 
 class Qwen3_5PreTrainedModel(PreTrainedModel):
+    config: Qwen3_5Config
     config_class = Qwen3_5Config
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -317,7 +326,7 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _keys_to_ignore_on_load_unexpected = [r"^mtp\.", r"^model\.visual\."]
     # The official files store these two in fp32; keeping them so also saves them unchanged.
-    _keep_in_fp32_modules = ["A_log", "linear_attn.norm"]
+    _keep_in_fp32_modules_strict = ["A_log", "linear_attn.norm"]
     _is_stateful = True
 
     @classmethod
@@ -371,6 +380,7 @@ def _attention_mask(key_valid, segments, batch, length, past, device):
 
 
 class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
+    config: Qwen3_5TextConfig
     config_class = Qwen3_5TextConfig
 
     def __init__(self, config: Qwen3_5TextConfig):
@@ -494,6 +504,7 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
 
 
 class Qwen3_5ForCausalLM(Qwen3_5PreTrainedModel, GenerationMixin):
+    config: Qwen3_5TextConfig
     config_class = Qwen3_5TextConfig
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 

@@ -1,0 +1,26 @@
+"""Qwen3.5 (0.8B / 2B / 4B / 9B) for Hugging Face transformers.
+
+``import transformers_qwen35`` registers this package's classes for the official model types, so
+``AutoModelForCausalLM.from_pretrained("Qwen/Qwen3.5-0.8B")`` builds them.
+"""
+
+from .cache import Qwen3_5HybridCache
+from .configuration import Qwen3_5Config, Qwen3_5TextConfig, Qwen3_5VisionConfig
+from .modeling import Qwen3_5ForCausalLM, Qwen3_5PreTrainedModel, Qwen3_5TextModel
+from .registration import register
+
+__version__ = "0.1.0"
+
+register()
+
+__all__ = [
+    "Qwen3_5Config",
+    "Qwen3_5TextConfig",
+    "Qwen3_5VisionConfig",
+    "Qwen3_5ForCausalLM",
+    "Qwen3_5TextModel",
+    "Qwen3_5PreTrainedModel",
+    "Qwen3_5HybridCache",
+    "register",
+    "__version__",
+]
