@@ -30,6 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import kernels
 from .cache import Qwen3_5HybridCache
+from .checkpoint import CarriedTensors
 from .configuration import FULL_ATTENTION, LINEAR_ATTENTION, Qwen3_5Config, Qwen3_5TextConfig
 from .packing import Segments, find_segments
 
@@ -328,6 +329,22 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
     # The official files store these two in fp32; keeping them so also saves them unchanged.
     _keep_in_fp32_modules_strict = ["A_log", "linear_attn.norm"]
     _is_stateful = True
+
+    carried_tensors: CarriedTensors | None = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if model.config.model_type == "qwen3_5_text":
+            # Vision tower, MTP head and composite config are not used here, but saving writes them back.
+            model.carried_tensors = CarriedTensors.from_checkpoint(pretrained_model_name_or_path, kwargs)
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        is_main = kwargs.get("is_main_process", True)
+        if self.carried_tensors is not None and is_main and kwargs.get("safe_serialization", True):
+            self.carried_tensors.write(save_directory, self.config)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
