@@ -377,9 +377,10 @@ def _text_positions(position_ids, batch, length, past, device):
     )
 
 
-def _attention_mask(key_valid, segments, batch, length, past, device):
-    """Boolean ``(B, 1, T, past + T)`` mask (True = may attend), or None when plain causal attention is exact."""
-    if key_valid is None and segments is None and (past == 0 or length == 1):
+def _attention_mask(key_valid, segments, batch, length, past, device, needs_causal_mask):
+    """Boolean ``(B, 1, T, past + T)`` mask (True = may attend), or None when the kernel's own causal flag is exact
+    (SDPA's ``is_causal`` aligns queries to the top left, so it is exact only without a cache)."""
+    if key_valid is None and segments is None and (length == 1 or (past == 0 and not needs_causal_mask)):
         return None
     query_pos = torch.arange(past, past + length, device=device)
     key_pos = torch.arange(past + length, device=device)
@@ -484,7 +485,9 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
                 kwargs.setdefault("max_length_q", segments.max_length)
                 kwargs.setdefault("max_length_k", segments.max_length)
         else:
-            attention_mask_4d = _attention_mask(key_valid, segments, batch, length, past, device)
+            attention_mask_4d = _attention_mask(
+                key_valid, segments, batch, length, past, device, needs_causal_mask=implementation == "eager"
+            )
         padding_mask = key_valid[:, -length:] if key_valid is not None and length > 1 else None
 
         hidden_states = inputs_embeds

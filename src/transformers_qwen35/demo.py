@@ -1,0 +1,166 @@
+"""A self-contained demo checkpoint: a tiny random-weight Qwen3.5 plus a small tokenizer, built offline in seconds.
+
+The real tokenizer and weights live on the Hugging Face Hub; this module makes a stand-in of the same *layout*
+(composite ``config.json``, official tensor names, a fast tokenizer with the Qwen chat tokens and a ChatML template)
+so that ``qwen35 demo``, the tests and the examples exercise the whole load-and-generate path with no network.
+The weights are random, so the generated text is gibberish by design.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from .checkpoint import write_random_checkpoint
+from .presets import tiny_config
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+CHAT_SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
+# Qwen marks the thinking tags as ordinary added tokens, so decoding with skip_special_tokens keeps them.
+THINKING_TOKENS = (THINK_OPEN, THINK_CLOSE)
+# Last on purpose: tiny_config() puts the multimodal placeholder ids at the top of the vocabulary, in this order.
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+BYTE_ALPHABET_SIZE = 256
+# Bytes + merges; with the added tokens the whole vocabulary stays at 512, well below the 1024 we promise.
+BPE_VOCAB_SIZE = 512 - len(CHAT_SPECIAL_TOKENS) - len(THINKING_TOKENS) - len(VISION_TOKENS)
+MAX_VOCAB_SIZE = 1024
+
+# ChatML, as the Qwen models use it. `enable_thinking=False` pre-fills an empty thinking block, like the official
+# templates, so that `qwen35 generate --no-thinking` has something to switch on the demo checkpoint too.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+# A short built-in text to learn merges from: plain English about chatting with a language model, so that common
+# words in demo prompts become single tokens. Any text would do; it only has to ship with the package.
+TRAINING_TEXT = """\
+Hello! How are you today? I am a small language model, and I am here to help you with your questions.
+You can ask me about the weather, about science, about history, or about the things you want to learn.
+The quick brown fox jumps over the lazy dog. A model reads a prompt, one token at a time, and then it writes
+an answer, one token at a time. Each token is a piece of a word: a letter, a syllable, or a whole word.
+Tell me a story about a robot who wanted to paint the sea. Once upon a time there was a little robot that
+lived by the shore. Every morning it watched the waves, and every evening it tried to paint them.
+What is the capital of France? The capital of France is Paris. What is the largest planet in the solar system?
+The largest planet is Jupiter. Why is the sky blue? Sunlight is scattered by the air, and blue light is
+scattered the most. Please write a short poem about the moon. The moon is bright, the night is long, the stars
+are quiet, and the wind sings its song.
+Thank you for your help. You are welcome; it is a pleasure to talk with you. Let me think about it step by
+step: first we read the question, then we find what we know, and then we write the answer in a few clear
+sentences. Good morning, good afternoon, good evening and good night.
+The user asks, the assistant answers, and the system sets the rules of the conversation.
+"""
+
+
+def _train_byte_level_bpe() -> Tokenizer:
+    """A byte-level BPE (GPT-2 / Qwen style): every byte has a token, so any text round-trips."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TRAINING_TEXT.splitlines(), trainer=trainer)
+    return tokenizer
+
+
+def _add_qwen_tokens(backend: Tokenizer) -> None:
+    """Append the chat, thinking and vision tokens, in that order, after the learned vocabulary."""
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in CHAT_SPECIAL_TOKENS])
+    backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in THINKING_TOKENS])
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in VISION_TOKENS])
+
+
+def make_demo_tokenizer() -> PreTrainedTokenizerFast:
+    """The demo tokenizer in memory (see :func:`build_demo_tokenizer` for what it holds)."""
+    backend = _train_byte_level_bpe()
+    _add_qwen_tokens(backend)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        additional_special_tokens=[IM_START, *VISION_TOKENS],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=32768,
+    )
+    if len(tokenizer) > MAX_VOCAB_SIZE:  # pragma: no cover - guards future edits of the constants above
+        raise AssertionError(f"demo vocabulary grew to {len(tokenizer)} tokens; keep it below {MAX_VOCAB_SIZE}.")
+    return tokenizer
+
+
+def build_demo_tokenizer(directory: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """Build the demo tokenizer offline and save it (``tokenizer.json`` + ``tokenizer_config.json``) to ``directory``.
+
+    Byte-level BPE with a 256-byte alphabet and merges learned from :data:`TRAINING_TEXT`, plus the Qwen chat tokens
+    (``<|endoftext|>`` pad, ``<|im_end|>`` eos, ``<|im_start|>``, ``<think>``, ``</think>``), the four vision
+    placeholders and a ChatML chat template. Returns the tokenizer.
+    """
+    tokenizer = make_demo_tokenizer()
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer
+
+
+def _demo_vocab_size(tokenizer: PreTrainedTokenizerFast) -> int:
+    """The model's vocabulary is exactly the tokenizer's, so every id it can emit decodes to text."""
+    size = len(tokenizer)
+    vision_ids = tokenizer.convert_tokens_to_ids(list(VISION_TOKENS))
+    # tiny_config(size) places vision start/end/image/video at size-4 .. size-1: they must be our vision tokens.
+    if vision_ids != list(range(size - len(VISION_TOKENS), size)):  # pragma: no cover - guards the token order
+        raise AssertionError(f"vision tokens must take the last ids of the demo vocabulary, got {vision_ids}.")
+    return size
+
+
+def _write_generation_config(directory: Path, tokenizer: PreTrainedTokenizerFast) -> None:
+    # Greedy: random weights make sampling pointless, and greedy output is reproducible in tests.
+    generation_config = {
+        "do_sample": False,
+        "eos_token_id": [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)],
+        "pad_token_id": tokenizer.pad_token_id,
+        "max_new_tokens": 32,
+    }
+    (directory / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+
+
+def build_demo_checkpoint(directory: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a complete, loadable Qwen3.5 checkpoint with RANDOM weights to ``directory`` and return its path.
+
+    It holds the official layout (composite ``config.json``, ``model.safetensors`` with ``model.language_model.*``,
+    ``model.visual.*`` and ``mtp.*`` tensors), the demo tokenizer and a greedy ``generation_config.json``, so
+    ``AutoTokenizer`` / ``AutoModelForCausalLM.from_pretrained(path)`` work on it exactly as on a real checkpoint.
+    """
+    directory = Path(directory)
+    tokenizer = make_demo_tokenizer()
+    config = tiny_config(vocab_size=_demo_vocab_size(tokenizer))
+    text_config = config.text_config
+    text_config.eos_token_id = tokenizer.convert_tokens_to_ids(IM_END)
+    text_config.pad_token_id = tokenizer.pad_token_id
+    # Untied, as in the 9B: with tied random embeddings the residual stream scores the input token highest, so
+    # greedy decoding repeats the prompt's last token (a newline) forever and the demo would print blank lines.
+    config.tie_word_embeddings = False
+    text_config.tie_word_embeddings = False
+    write_random_checkpoint(directory, config, seed=seed)
+    tokenizer.save_pretrained(str(directory))
+    _write_generation_config(directory, tokenizer)
+    return directory
+
+
+__all__ = ["build_demo_checkpoint", "build_demo_tokenizer", "make_demo_tokenizer", "CHAT_TEMPLATE", "TRAINING_TEXT"]

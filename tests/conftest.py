@@ -1,0 +1,80 @@
+"""Shared builders: tiny configs and a built-in transformers twin with identical weights (the oracle)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_QWEN35_KERNELS", "auto")
+
+import transformers_qwen35  # noqa: E402,F401  (registers the package)
+from transformers_qwen35 import Qwen3_5ForCausalLM, Qwen3_5TextConfig  # noqa: E402
+
+ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}
+
+# value heads equal to and double the key heads, tied and untied, a conv of width 4 and of width 2
+TINY_CONFIGS = {
+    "gva1-tied": dict(linear_num_key_heads=4, linear_num_value_heads=4, tie_word_embeddings=True),
+    "gva2-untied": dict(linear_num_key_heads=2, linear_num_value_heads=4, tie_word_embeddings=False),
+    "gva2-conv2-tied": dict(
+        linear_num_key_heads=2, linear_num_value_heads=4, tie_word_embeddings=True, linear_conv_kernel_dim=2
+    ),
+}
+
+
+def tiny_text_kwargs(**overrides) -> dict:
+    kwargs = dict(
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        rope_parameters=dict(ROPE),
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |ours - reference| / max |reference|."""
+    return float((ours.detach().double() - reference.double()).abs().max() / reference.detach().double().abs().max().clamp_min(1e-30))
+
+
+def build_pair(seed: int = 0, attn_implementation: str = "eager", **overrides):
+    """(ours, built-in) text causal LMs with identical, non-trivial weights, in eval mode, fp32."""
+    from transformers.models.qwen3_5 import configuration_qwen3_5, modeling_qwen3_5
+
+    kwargs = tiny_text_kwargs(**overrides)
+    torch.manual_seed(seed)
+    ours = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**kwargs, attn_implementation=attn_implementation))
+    native = modeling_qwen3_5.Qwen3_5ForCausalLM(
+        configuration_qwen3_5.Qwen3_5TextConfig(**kwargs, attn_implementation=attn_implementation)
+    )
+    state = {name: value + 0.1 * torch.randn_like(value) for name, value in ours.state_dict().items()}
+    for name in state:
+        if name.endswith("A_log"):
+            # Moderate decays, as in trained checkpoints: with exp(A_log) near 16 the state forgets within a token,
+            # gradients of the gate vanish to ~1e-8 and only rounding is left to compare.
+            state[name] = torch.empty_like(state[name]).uniform_(0.3, 2.0).log()
+    if kwargs["tie_word_embeddings"]:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    ours.load_state_dict(state)
+    native.load_state_dict(state)
+    return ours.eval(), native.eval()
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def pair(request):
+    return build_pair(**TINY_CONFIGS[request.param])
