@@ -1,0 +1,184 @@
+"""Kernel dispatch: chosen by the tensors' device, overridable, never tripped by an importable-but-unusable fla."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import types
+
+import pytest
+import torch
+from conftest import build_pair, relative_error
+from transformers.models.qwen3_5 import modeling_qwen3_5
+
+from transformers_qwen35 import kernels
+from transformers_qwen35.ops.causal_conv import causal_conv1d
+from transformers_qwen35.ops.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+
+
+def _gdn_inputs(batch=2, length=75, heads=2, v_heads=4, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, length, heads, dim, generator=g)
+    k = torch.randn(batch, length, heads, dim, generator=g)
+    v = torch.randn(batch, length, v_heads, dim, generator=g)
+    decay = -torch.rand(batch, length, v_heads, generator=g) * 2
+    beta = torch.rand(batch, length, v_heads, generator=g)
+    state = torch.randn(batch, v_heads, dim, dim, generator=g)
+    return q, k, v, decay, beta, state
+
+
+@pytest.mark.parametrize("length", [1, 63, 75, 130])
+@pytest.mark.parametrize("v_heads", [2, 4])
+def test_chunked_and_recurrent_forms_match_builtin_reference(length, v_heads):
+    q, k, v, g, beta, state = _gdn_inputs(length=length, v_heads=v_heads)
+    chunk_out, chunk_state = chunk_gated_delta_rule(q, k, v, g, beta, state, output_final_state=True)
+    step_out, step_state = recurrent_gated_delta_rule(q, k, v, g, beta, state, output_final_state=True)
+    reference = inspect.unwrap(modeling_qwen3_5.torch_recurrent_gated_delta_rule)
+    ref_out, ref_state = reference(
+        q, k, v, g=g, beta=beta, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True
+    )
+    for out, final in ((chunk_out, chunk_state), (step_out, step_state)):
+        assert relative_error(out, ref_out) < 1e-5
+        assert relative_error(final, ref_state) < 1e-5
+
+
+def test_packed_recurrence_and_conv_equal_segments_run_alone():
+    q, k, v, g, beta, _ = _gdn_inputs(batch=1, length=90)
+    bounds = [0, 30, 31, 90]
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    packed, finals = chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True, cu_seqlens=cu)
+    x = torch.randn(1, 90, 12)
+    weight = torch.randn(12, 4)
+    position = torch.cat([torch.arange(b - a) for a, b in zip(bounds[:-1], bounds[1:])])[None]
+    conv_packed, _ = causal_conv1d(x, weight, position_in_segment=position)
+    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        piece = slice(a, b)
+        alone, final = recurrent_gated_delta_rule(
+            q[:, piece], k[:, piece], v[:, piece], g[:, piece], beta[:, piece], output_final_state=True
+        )
+        assert relative_error(packed[:, piece], alone) < 1e-5
+        assert relative_error(finals[n : n + 1], final) < 1e-5
+        assert relative_error(conv_packed[:, piece], causal_conv1d(x[:, piece], weight)[0]) < 1e-6
+
+
+def test_conv_with_cache_continues_exactly():
+    x, weight = torch.randn(2, 20, 12), torch.randn(12, 4)
+    full, _ = causal_conv1d(x, weight)
+    first, state = causal_conv1d(x[:, :2], weight)  # shorter than the kernel: zero left context kept
+    second, state = causal_conv1d(x[:, 2:13], weight, state)
+    outs = [first, second]
+    for t in range(13, 20):
+        y, state = causal_conv1d(x[:, t : t + 1], weight, state)
+        outs.append(y)
+    assert relative_error(torch.cat(outs, 1), full) < 1e-6
+
+
+def test_mode_knob(monkeypatch):
+    tensor = torch.zeros(1)
+    monkeypatch.setenv(kernels.KERNELS_ENV, "bogus")
+    with pytest.raises(ValueError, match="TRANSFORMERS_QWEN35_KERNELS"):
+        kernels.fla_kernels(tensor)
+    monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
+    assert kernels.fla_kernels(tensor) is None
+    monkeypatch.setenv(kernels.KERNELS_ENV, "auto")
+    assert kernels.fla_kernels(tensor) is None  # CPU tensors never go to fla
+
+
+def _install_fake_fla(monkeypatch, impl):
+    """Put a fake `fla` package in sys.modules whose kernels call `impl` (a dict of callables)."""
+    kernels._load_fla.cache_clear()
+    modules = {
+        "fla": types.ModuleType("fla"),
+        "fla.ops": types.ModuleType("fla.ops"),
+        "fla.ops.gated_delta_rule": types.ModuleType("fla.ops.gated_delta_rule"),
+        "fla.modules": types.ModuleType("fla.modules"),
+        "fla.modules.causal_conv1d": types.ModuleType("fla.modules.causal_conv1d"),
+        "fla.modules.norm": types.ModuleType("fla.modules.norm"),
+        "fla.modules.norm.fused_norm_gate": types.ModuleType("fla.modules.norm.fused_norm_gate"),
+    }
+    modules["fla.ops.gated_delta_rule"].chunk_gated_delta_rule = impl["chunk"]
+    modules["fla.ops.gated_delta_rule"].fused_recurrent_gated_delta_rule = impl["recurrent"]
+    modules["fla.modules.causal_conv1d"].causal_conv1d = impl["conv"]
+    modules["fla.modules.causal_conv1d"].causal_conv1d_update = impl["conv_update"]
+    modules["fla.modules.norm.fused_norm_gate"].rms_norm_gated = impl["norm"]
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(kernels, "_logged", set())
+
+
+def test_importable_but_broken_fla_never_runs_on_cpu(monkeypatch):
+    """The triton-on-a-CPU-machine trap: fla imports, every kernel raises. Auto mode must not touch it."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("0 active drivers ([]). There should only be one.")
+
+    _install_fake_fla(monkeypatch, dict.fromkeys(["chunk", "recurrent", "conv", "conv_update", "norm"], broken))
+    monkeypatch.setenv(kernels.KERNELS_ENV, "auto")
+    ours, _ = build_pair(seed=4)
+    ids = torch.randint(1, 99, (1, 9))
+    assert ours.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 12)
+    kernels._load_fla.cache_clear()
+
+
+def test_forced_fla_path_passes_the_documented_arguments(monkeypatch):
+    """With the fla path forced, a fake fla built on our exact ops checks every call's layout and arguments."""
+    calls = []
+
+    def chunk(q, k, v, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False,
+              cu_seqlens=None):  # fmt: skip
+        assert use_qk_l2norm_in_kernel and g.dtype == torch.float32
+        assert cu_seqlens is None or q.shape[0] == 1
+        calls.append(("chunk", q.shape[1], cu_seqlens is not None))
+        return chunk_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state, cu_seqlens)
+
+    def recurrent(q, k, v, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False):
+        assert q.shape[1] == 1 and use_qk_l2norm_in_kernel and not torch.is_grad_enabled()
+        calls.append(("recurrent", 1, False))
+        return recurrent_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state)
+
+    def conv(x, weight, initial_state=None, output_final_state=False, activation=None, cu_seqlens=None):
+        assert activation == "silu" and x.dim() == 3 and weight.dim() == 2
+        position = None
+        if cu_seqlens is not None:
+            starts = torch.zeros(x.shape[1], dtype=torch.bool)
+            starts[cu_seqlens[:-1].long()] = True
+            ids = starts.long().cumsum(0) - 1
+            position = (torch.arange(x.shape[1]) - cu_seqlens[ids].long())[None]
+        calls.append(("conv", x.shape[1], cu_seqlens is not None))
+        y, state = causal_conv1d(x, weight, initial_state, position)
+        return y, (state if output_final_state else None)
+
+    def conv_update(x, cache, weight=None, activation=None):
+        y, state = causal_conv1d(x, weight, cache)
+        cache.copy_(state)
+        return y, cache
+
+    def norm(x, gate, weight, bias, activation="swish", eps=1e-5):
+        assert activation == "silu" and eps == 1e-6
+        return kernels.torch_gated_rms_norm(x, gate, weight, eps)
+
+    _install_fake_fla(monkeypatch, dict(chunk=chunk, recurrent=recurrent, conv=conv, conv_update=conv_update, norm=norm))
+    ours, _ = build_pair(seed=9, rms_norm_eps=1e-6)
+    ids = torch.randint(1, 99, (1, 12))
+    monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
+    with torch.no_grad():
+        reference = ours(ids).logits
+    reference_ids = ours.generate(ids, max_new_tokens=4, do_sample=False)
+    monkeypatch.setenv(kernels.KERNELS_ENV, "fla")
+    with torch.no_grad():
+        assert relative_error(ours(ids).logits, reference) < 1e-5
+    assert torch.equal(ours.generate(ids, max_new_tokens=4, do_sample=False), reference_ids)
+    assert ("recurrent", 1, False) in calls and ("chunk", 12, False) in calls
+    with torch.no_grad():
+        ours(ids, position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None])
+    assert ("chunk", 12, True) in calls and ("conv", 12, True) in calls
+    kernels._load_fla.cache_clear()
+
+
+def test_forced_fla_without_fla_says_how_to_fix(monkeypatch):
+    kernels._load_fla.cache_clear()
+    monkeypatch.setitem(sys.modules, "fla.ops.gated_delta_rule", None)  # import fails
+    monkeypatch.setenv(kernels.KERNELS_ENV, "fla")
+    with pytest.raises(RuntimeError, match="pip install"):
+        kernels.fla_kernels(torch.zeros(1))
+    kernels._load_fla.cache_clear()
