@@ -1,0 +1,7 @@
+"""``python -m transformers_qwen35``: the ``qwen35`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
