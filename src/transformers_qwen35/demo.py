@@ -29,7 +29,6 @@ THINKING_TOKENS = (THINK_OPEN, THINK_CLOSE)
 # Last on purpose: tiny_config() puts the multimodal placeholder ids at the top of the vocabulary, in this order.
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
-BYTE_ALPHABET_SIZE = 256
 # Bytes + merges; with the added tokens the whole vocabulary stays at 512, well below the 1024 we promise.
 BPE_VOCAB_SIZE = 512 - len(CHAT_SPECIAL_TOKENS) - len(THINKING_TOKENS) - len(VISION_TOKENS)
 MAX_VOCAB_SIZE = 1024
@@ -101,7 +100,7 @@ def make_demo_tokenizer() -> PreTrainedTokenizerFast:
         chat_template=CHAT_TEMPLATE,
         model_max_length=32768,
     )
-    if len(tokenizer) > MAX_VOCAB_SIZE:  # pragma: no cover - guards future edits of the constants above
+    if len(tokenizer) >= MAX_VOCAB_SIZE:  # pragma: no cover - guards future edits of the constants above
         raise AssertionError(f"demo vocabulary grew to {len(tokenizer)} tokens; keep it below {MAX_VOCAB_SIZE}.")
     return tokenizer
 

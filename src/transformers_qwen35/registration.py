@@ -7,7 +7,7 @@ override on every transformers 5.x and makes ``register()`` idempotent.
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig
 from transformers.models.auto import modeling_auto
 from transformers.utils import logging
 
