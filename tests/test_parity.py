@@ -132,7 +132,7 @@ def test_cached_decode_equals_full_forward(pair):
     with torch.no_grad():
         full = ours(ids).logits
         out = ours(ids[:, :20], use_cache=True)
-        cache = out.past_key_values if hasattr(out, "past_key_values") and out.past_key_values is not None else out.cache
+        cache = _cache_of(out)
         steps = [out.logits]
         for t in range(20, 30):
             out = ours(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
