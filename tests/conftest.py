@@ -78,3 +78,61 @@ def build_pair(seed: int = 0, attn_implementation: str = "eager", **overrides):
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def pair(request):
     return build_pair(**TINY_CONFIGS[request.param])
+
+
+# --- multimodal -------------------------------------------------------------------------------------------------
+
+VOCAB = 99
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = VOCAB - 4, VOCAB - 3, VOCAB - 2, VOCAB - 1
+
+
+def tiny_composite_dict(**text_overrides) -> dict:
+    """A composite config dict: the tiny text stack, a one-block vision tower, placeholders at the vocab's top."""
+    return dict(
+        text_config=tiny_text_kwargs(**text_overrides),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32, num_position_embeddings=16,
+            patch_size=16, temporal_patch_size=2, spatial_merge_size=2, in_channels=3, hidden_act="gelu_pytorch_tanh",
+        ),
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+        image_token_id=IMAGE_PAD,
+        video_token_id=VIDEO_PAD,
+        tie_word_embeddings=text_overrides.get("tie_word_embeddings", False),
+    )  # fmt: skip
+
+
+def build_vl_pair(seed: int = 0, attn_implementation: str = "eager", **text_overrides):
+    """(ours, built-in) Qwen3_5ForConditionalGeneration with identical, non-trivial weights, eval mode, fp32."""
+    from transformers.models.qwen3_5 import configuration_qwen3_5, modeling_qwen3_5
+
+    from transformers_qwen35 import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    config = tiny_composite_dict(**text_overrides)
+    torch.manual_seed(seed)
+    ours = Qwen3_5ForConditionalGeneration(Qwen3_5Config(**config, attn_implementation=attn_implementation))
+    native_config = configuration_qwen3_5.Qwen3_5Config(**config)
+    native_config._attn_implementation = attn_implementation
+    native_config.text_config._attn_implementation = attn_implementation
+    native_config.vision_config._attn_implementation = attn_implementation
+    native = modeling_qwen3_5.Qwen3_5ForConditionalGeneration(native_config)
+    state = {name: value + 0.1 * torch.randn_like(value) for name, value in ours.state_dict().items()}
+    for name in state:
+        if name.endswith("A_log"):
+            state[name] = torch.empty_like(state[name]).uniform_(0.3, 2.0).log()
+    if config["tie_word_embeddings"]:
+        state["lm_head.weight"] = state["model.language_model.embed_tokens.weight"]
+    ours.load_state_dict(state)
+    missing, unexpected = native.load_state_dict(state, strict=False)
+    assert not unexpected and all("inv_freq" in name for name in missing), (missing, unexpected)
+    return ours.eval(), native.eval()
+
+
+def vision_run(tokens: int, pad: int) -> list[int]:
+    return [VISION_START] + [pad] * tokens + [VISION_END]
+
+
+def random_pixels(grid_thw: list[list[int]], seed: int = 0) -> torch.Tensor:
+    patches = sum(t * h * w for t, h, w in grid_thw)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(patches, 3 * 2 * 16 * 16, generator=generator)

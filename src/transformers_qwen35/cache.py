@@ -7,6 +7,10 @@ recurrent state ``(B, H_v, d_k, d_v)`` in fp32; full-attention layers keep growi
 We own this class instead of configuring transformers' ``DynamicCache`` because the latter's linear-attention API
 changed several times across 5.x; ``generate()`` only needs ``get_seq_length`` and ``reorder_cache`` from it.
 The linear state cannot be rolled back to an earlier position, so ``crop`` refuses (the model is ``_is_stateful``).
+
+The multimodal model also keeps each row's rope offset here (``rope_deltas``, ``(B, 1)``): after an image, a token's
+rotary position is its index plus that offset. Keeping it with the cache, not on the model, makes it follow beams
+and survive two generations that share a model.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class Qwen3_5HybridCache:
         self.key_cache: list[torch.Tensor | None] = [None] * count
         self.value_cache: list[torch.Tensor | None] = [None] * count
         self.seen_tokens = 0
+        self.rope_deltas: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.layer_types)
@@ -54,32 +59,30 @@ class Qwen3_5HybridCache:
     def has_previous_state(self, layer_idx: int | None = None) -> bool:
         return self.seen_tokens > 0
 
-    def _all_states(self):
-        return (self.conv_states, self.recurrent_states, self.key_cache, self.value_cache)
+    def _apply_per_row(self, select) -> None:
+        """Apply a batch-row operation (beam reorder, repeat, select) to every state and the rope offsets."""
+        for states in (self.conv_states, self.recurrent_states, self.key_cache, self.value_cache):
+            for i, state in enumerate(states):
+                if state is not None:
+                    states[i] = select(state)
+        if self.rope_deltas is not None:
+            self.rope_deltas = select(self.rope_deltas)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: keep the rows named by ``beam_idx``."""
-        for states in self._all_states():
-            for i, state in enumerate(states):
-                if state is not None:
-                    states[i] = state.index_select(0, beam_idx.to(state.device))
+        self._apply_per_row(lambda state: state.index_select(0, beam_idx.to(state.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        for states in self._all_states():
-            for i, state in enumerate(states):
-                if state is not None:
-                    states[i] = state.repeat_interleave(repeats, dim=0)
+        self._apply_per_row(lambda state: state.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for states in self._all_states():
-            for i, state in enumerate(states):
-                if state is not None:
-                    states[i] = state[indices]
+        self._apply_per_row(lambda state: state[indices])
 
     def reset(self) -> None:
-        for states in self._all_states():
+        for states in (self.conv_states, self.recurrent_states, self.key_cache, self.value_cache):
             states[:] = [None] * len(states)
         self.seen_tokens = 0
+        self.rope_deltas = None
 
     def crop(self, max_length: int) -> None:
         if max_length < 0:

@@ -200,14 +200,17 @@ class CarriedTensors:
     composite_config: dict | None = None
 
     @classmethod
-    def from_checkpoint(cls, name_or_path, kwargs: dict) -> CarriedTensors | None:
+    def from_checkpoint(
+        cls, name_or_path, kwargs: dict, prefixes: tuple[str, ...] = CARRIED_PREFIXES, text_only: bool = True
+    ) -> CarriedTensors | None:
+        """``prefixes``: the tensors the model leaves unused; ``text_only``: also keep the composite config."""
         directory = _local_directory(name_or_path, kwargs)
         if directory is None:
             return None
-        files = {name: file for name, file in _checkpoint_files(directory).items() if name.startswith(CARRIED_PREFIXES)}
+        files = {name: file for name, file in _checkpoint_files(directory).items() if name.startswith(prefixes)}
         config_path = directory / "config.json"
         composite = None
-        if config_path.is_file():
+        if text_only and config_path.is_file():
             data = json.loads(config_path.read_text())
             composite = data if data.get("model_type") == "qwen3_5" else None
         if not files and composite is None:

@@ -338,6 +338,10 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
         if model.config.model_type == "qwen3_5_text":
             # Vision tower, MTP head and composite config are not used here, but saving writes them back.
             model.carried_tensors = CarriedTensors.from_checkpoint(pretrained_model_name_or_path, kwargs)
+        else:
+            model.carried_tensors = CarriedTensors.from_checkpoint(
+                pretrained_model_name_or_path, kwargs, prefixes=("mtp.",), text_only=False
+            )
         return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):

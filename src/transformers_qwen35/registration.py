@@ -13,18 +13,23 @@ from transformers.utils import logging
 
 from .configuration import Qwen3_5Config, Qwen3_5TextConfig, Qwen3_5VisionConfig
 from .modeling import Qwen3_5ForCausalLM, Qwen3_5TextModel
+from .multimodal import Qwen3_5ForConditionalGeneration, Qwen3_5Model
 
 logger = logging.get_logger(__name__)
 
 CONFIGS = {"qwen3_5": Qwen3_5Config, "qwen3_5_text": Qwen3_5TextConfig, "qwen3_5_vision": Qwen3_5VisionConfig}
-# (auto mapping, config class, model class). A composite `qwen3_5` checkpoint gives the text-only model here, as in
-# built-in transformers: auto_factory hands it `config.text_config` because our model's config class is that one.
+# (auto mapping, config class, model class). For AutoModelForCausalLM a composite `qwen3_5` checkpoint gives the
+# text-only model, as in built-in transformers: auto_factory hands it `config.text_config` because our model's config
+# class is that one.
 MODELS = [
     (modeling_auto.MODEL_MAPPING, Qwen3_5TextConfig, Qwen3_5TextModel),
-    (modeling_auto.MODEL_MAPPING, Qwen3_5Config, Qwen3_5TextModel),
+    (modeling_auto.MODEL_MAPPING, Qwen3_5Config, Qwen3_5Model),
     (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING, Qwen3_5TextConfig, Qwen3_5ForCausalLM),
     (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING, Qwen3_5Config, Qwen3_5ForCausalLM),
+    (modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, Qwen3_5Config, Qwen3_5ForConditionalGeneration),
 ]
+if hasattr(modeling_auto, "MODEL_FOR_MULTIMODAL_LM_MAPPING"):
+    MODELS.append((modeling_auto.MODEL_FOR_MULTIMODAL_LM_MAPPING, Qwen3_5Config, Qwen3_5ForConditionalGeneration))
 
 _done = False
 
@@ -45,7 +50,7 @@ def _register_checkpoint_renaming() -> None:
 
 
 def register() -> None:
-    """Make `AutoConfig`, `AutoModel` and `AutoModelForCausalLM` resolve Qwen3.5 to this package (idempotent)."""
+    """Make the Auto* factories resolve Qwen3.5 to this package (idempotent)."""
     global _done
     for model_type, config_class in CONFIGS.items():
         AutoConfig.register(model_type, config_class, exist_ok=True)
@@ -55,7 +60,7 @@ def register() -> None:
     if not _done:
         logger.info(
             "transformers_qwen35: model types qwen3_5 and qwen3_5_text now load this package's classes "
-            "(AutoConfig, AutoModel, AutoModelForCausalLM)."
+            "(AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText)."
         )
     _done = True
 

@@ -1,0 +1,340 @@
+"""Vision + language: image and video features replace their placeholder tokens, then the text stack runs.
+
+``Qwen3_5Model`` holds ``visual`` (``vision.py``) and ``language_model`` (``modeling.Qwen3_5TextModel``), the
+official checkpoint's ``model.visual.*`` and ``model.language_model.*``; ``Qwen3_5ForConditionalGeneration`` adds
+``lm_head``. Inputs are checked against each other (pixel rows vs grids vs placeholder counts vs the position limit)
+before the vision tower runs, so a wrong input costs nothing and says how to fix it.
+
+Rotary positions come from ``multimodal_positions.py``; each row's offset after its images is kept in the cache
+(``Qwen3_5HybridCache.rope_deltas``), so cached decoding, beams and continued generations pick it up.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .cache import Qwen3_5HybridCache
+from .configuration import Qwen3_5Config
+from .modeling import CACHE_FIELD, Qwen3_5PreTrainedModel, Qwen3_5TextModel
+from .multimodal_positions import IMAGE, TEXT, VIDEO, rope_positions, token_types
+from .vision import Qwen3_5VisionModel, validate_grids
+
+VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+class Qwen3_5Model(Qwen3_5PreTrainedModel):
+    config: Qwen3_5Config
+    config_class = Qwen3_5Config
+    base_model_prefix = "model"
+    _keys_to_ignore_on_load_unexpected = [r"^mtp\."]
+
+    def __init__(self, config: Qwen3_5Config):
+        super().__init__(config)
+        self.visual = Qwen3_5VisionModel(config.vision_config)
+        self.language_model = Qwen3_5TextModel(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.language_model.embed_tokens = value
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """One ``(t*h*w/4, hidden)`` tensor per image."""
+        return self._vision_features(pixel_values, image_grid_thw, "pixel_values")
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """One ``(t*h*w/4, hidden)`` tensor per video."""
+        return self._vision_features(pixel_values_videos, video_grid_thw, "pixel_values_videos")
+
+    def _vision_features(self, pixels, grid_thw, what):
+        _check_pixels(pixels, grid_thw, self.config.vision_config, what)
+        features = self.visual(pixels.to(self.visual.dtype), grid_thw)
+        sizes = (grid_thw.prod(-1) // self.config.vision_config.spatial_merge_size**2).tolist()
+        return list(features.split(sizes))
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        pixel_values=None,
+        pixel_values_videos=None,
+        image_grid_thw=None,
+        video_grid_thw=None,
+        mm_token_type_ids=None,
+        cache=None,
+        cache_position=None,
+        **kwargs,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        cache = cache if cache is not None else past_key_values
+        use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
+        past = cache.get_seq_length() if cache is not None else 0
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        types = self._token_types(input_ids, mm_token_type_ids, batch, length)
+        self._check_inputs(types, past, length, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        for pixels, grids, modality, what in (
+            (pixel_values, image_grid_thw, IMAGE, "pixel_values"),
+            (pixel_values_videos, video_grid_thw, VIDEO, "pixel_values_videos"),
+        ):
+            if pixels is not None:
+                features = torch.cat(self._vision_features(pixels, grids, what))
+                slots = (types == modality).unsqueeze(-1).to(inputs_embeds.device)
+                inputs_embeds = inputs_embeds.masked_scatter(slots, features.to(inputs_embeds))
+
+        if use_cache and cache is None:
+            cache = Qwen3_5HybridCache(self.config.text_config)
+        if position_ids is None or position_ids.dim() == 2:
+            position_ids = self._positions(
+                position_ids, types, attention_mask, cache, past, image_grid_thw, video_grid_thw, inputs_embeds.device
+            )
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+
+    def _token_types(self, input_ids, mm_token_type_ids, batch, length):
+        if mm_token_type_ids is not None:
+            if tuple(mm_token_type_ids.shape) != (batch, length):
+                raise ValueError(
+                    f"mm_token_type_ids has shape {tuple(mm_token_type_ids.shape)} but the input is {(batch, length)}: "
+                    "pass the processor's mm_token_type_ids with its input_ids, or leave them out."
+                )
+            return mm_token_type_ids
+        if input_ids is None:
+            return torch.full((batch, length), TEXT, dtype=torch.int32)
+        return token_types(input_ids, self.config.image_token_id, self.config.video_token_id)
+
+    def _check_inputs(self, types, past, length, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+        """Everything that can be checked from shapes, before any vision or text compute."""
+        limit = self.config.text_config.max_position_embeddings
+        if past + length > limit:
+            raise ValueError(
+                f"The input holds {past + length} tokens ({past} cached + {length} new) but the model was trained on at "
+                f"most max_position_embeddings={limit}. Shorten the prompt, use fewer or smaller images, or cap "
+                "max_new_tokens."
+            )
+        merge = self.config.vision_config.spatial_merge_size**2
+        for pixels, grids, modality, what in (
+            (pixel_values, image_grid_thw, IMAGE, "pixel_values"),
+            (pixel_values_videos, video_grid_thw, VIDEO, "pixel_values_videos"),
+        ):
+            name = "image" if modality == IMAGE else "video"
+            placeholders = int((types == modality).sum())
+            if pixels is None:
+                if placeholders and past == 0:
+                    raise ValueError(
+                        f"The prompt has {placeholders} {name} placeholder tokens but no {what} were given: pass the "
+                        f"processor's {what} and {name}_grid_thw, or remove the placeholders."
+                    )
+                continue
+            _check_pixels(pixels, grids, self.config.vision_config, what)
+            features = int(grids.prod(-1).sum()) // merge
+            if placeholders != features:
+                raise ValueError(
+                    f"The prompt has {placeholders} {name} placeholder tokens but the {name}s give {features} features "
+                    f"({name}_grid_thw {grids.tolist()}). Build text and {what} with one processor call, which expands "
+                    f"each <|{name}_pad|> to the right count."
+                )
+
+    def _positions(self, text_positions, types, attention_mask, cache, past, image_grid_thw, video_grid_thw, device):
+        """``(4, B, T)``: text positions (used to find packed samples), then the three rotary rows."""
+        batch, length = types.shape
+        valid = attention_mask[:, -length:].bool() if attention_mask is not None else None
+        if text_positions is None:
+            if attention_mask is not None:
+                text_positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+            else:
+                text_positions = torch.arange(past, past + length, device=device).expand(batch, -1)
+        text_positions = text_positions.to(device)
+        previous = cache.rope_deltas if cache is not None and past > 0 else None
+        previous = previous if previous is not None else torch.zeros(batch, 1, dtype=torch.long, device=device)
+        has_vision = image_grid_thw is not None or video_grid_thw is not None
+        if has_vision and bool((types != TEXT).any()):
+            seen = attention_mask[:, :past].sum(-1) if attention_mask is not None else torch.full((batch,), past)
+            seen = seen.to(device)
+            rope, real = rope_positions(
+                types, image_grid_thw, video_grid_thw, self.config.vision_config.spatial_merge_size, valid,
+                start=seen + previous[:, 0].to(device),
+            )  # fmt: skip
+            rope = rope.to(device)
+            deltas = (rope.amax(dim=(0, 2)) + 1 - (seen + real)).unsqueeze(-1)
+        else:
+            rope = (text_positions + previous.to(device)).unsqueeze(0).expand(3, -1, -1)
+            deltas = previous
+        if cache is not None:
+            cache.rope_deltas = deltas.to(device)
+        return torch.cat([text_positions.unsqueeze(0), rope], dim=0)
+
+
+def _check_pixels(pixels, grids, vision_config, what):
+    width = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size**2
+    if pixels.dim() != 2 or pixels.shape[-1] != width:
+        raise ValueError(
+            f"{what} must be patch rows of shape (patches, {width}) = {vision_config.in_channels} channels x "
+            f"{vision_config.temporal_patch_size} frames x {vision_config.patch_size}x{vision_config.patch_size}; got "
+            f"{tuple(pixels.shape)}. Images must be RGB (convert grayscale or RGBA with PIL's .convert('RGB')) and go "
+            "through the processor."
+        )
+    validate_grids(grids, pixels.shape[0], vision_config, what)
+
+
+class Qwen3_5ForConditionalGeneration(Qwen3_5PreTrainedModel, GenerationMixin):
+    config: Qwen3_5Config
+    config_class = Qwen3_5Config
+    _keys_to_ignore_on_load_unexpected = [r"^mtp\."]
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: Qwen3_5Config):
+        super().__init__(config)
+        self.model = Qwen3_5Model(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values, image_grid_thw):
+        return self.model.get_image_features(pixel_values, image_grid_thw)
+
+    def get_video_features(self, pixel_values_videos, video_grid_thw):
+        return self.model.get_video_features(pixel_values_videos, video_grid_thw)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        pixel_values=None,
+        pixel_values_videos=None,
+        image_grid_thw=None,
+        video_grid_thw=None,
+        mm_token_type_ids=None,
+        logits_to_keep=0,
+        cache=None,
+        cache_position=None,
+        **kwargs,
+    ):
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            cache=cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            vocab_size = self.config.text_config.vocab_size
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        cache = inputs.get("cache", inputs.get("past_key_values"))
+        step_ids = inputs.get("input_ids")
+        if cache is not None and cache.get_seq_length() > 0 and step_ids is not None:
+            # Decoding steps carry no placeholders: the images were encoded at the prefill.
+            types = token_types(step_ids, self.config.image_token_id, self.config.video_token_id)
+            for modality, keys in ((IMAGE, VISION_INPUTS[:2]), (VIDEO, VISION_INPUTS[2:])):
+                if not bool((types == modality).any()):
+                    for key in keys:
+                        inputs.pop(key, None)
+            if "mm_token_type_ids" in inputs and inputs["mm_token_type_ids"].shape != step_ids.shape:
+                inputs.pop("mm_token_type_ids")
+        return inputs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beams and ``num_return_sequences``: repeat each row's own images and videos with the row."""
+        if expand_size == 1:
+            return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        vision = {key: model_kwargs.pop(key) for key in VISION_INPUTS if model_kwargs.get(key) is not None}
+        if vision:
+            if input_ids is None:
+                raise ValueError("Generating several sequences per prompt with images needs input_ids.")
+            vision = _repeat_vision_per_row(input_ids, vision, expand_size, self.config)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        model_kwargs.update(vision)
+        return input_ids, model_kwargs
+
+
+def _repeat_vision_per_row(input_ids, vision, repeats, config):
+    """Split pixel rows and grids by the batch row whose placeholders they fill, and repeat each row's share."""
+    merge = config.vision_config.spatial_merge_size**2
+    types = token_types(input_ids, config.image_token_id, config.video_token_id)
+    result = {}
+    for modality, pixels_key, grid_key in ((IMAGE, *VISION_INPUTS[:2]), (VIDEO, *VISION_INPUTS[2:])):
+        if grid_key not in vision:
+            continue
+        grids, pixels = vision[grid_key], vision[pixels_key]
+        tokens_per_item = (grids.prod(-1) // merge).tolist()
+        patches_per_item = grids.prod(-1).tolist()
+        tokens_per_row = (types == modality).sum(-1).tolist()
+        grid_rows, pixel_rows, item, offset = [], [], 0, 0
+        for row_tokens in tokens_per_row:
+            first_item, first_patch, taken = item, offset, 0
+            while taken < row_tokens:
+                taken += tokens_per_item[item]
+                offset += patches_per_item[item]
+                item += 1
+            grid_rows += [grids[first_item:item]] * repeats
+            pixel_rows += [pixels[first_patch:offset]] * repeats
+        result[grid_key], result[pixels_key] = torch.cat(grid_rows), torch.cat(pixel_rows)
+    return result
