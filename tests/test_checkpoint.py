@@ -9,10 +9,10 @@ import logging
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.models.qwen3_5 import modeling_qwen3_5
 
-from transformers_qwen35 import Qwen3_5ForCausalLM, Qwen3_5TextModel
+from transformers_qwen35 import Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5Model, Qwen3_5TextModel
 from transformers_qwen35.checkpoint import official_tensors, write_random_checkpoint
 from transformers_qwen35.presets import official_config, tiny_config
 
@@ -68,7 +68,7 @@ def test_official_layout_loads_without_missing_key_noise_and_matches_native(offi
     ids = torch.randint(0, 1000, (2, 19), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(ours(ids).logits, native(ids).logits, rtol=1e-5, atol=1e-5)
-    assert type(AutoModel.from_pretrained(official_dir)) is Qwen3_5TextModel
+    assert type(AutoModel.from_pretrained(official_dir)) is Qwen3_5Model  # vision + text, as built-in
 
 
 def test_save_pretrained_writes_the_official_checkpoint_back(official_dir, tmp_path):
@@ -104,3 +104,31 @@ def test_checkpoints_cross_between_us_and_builtin_transformers(tmp_path):
         assert torch.allclose(loaded_here.eval()(ids).logits, reference, rtol=1e-5, atol=1e-6)
         loaded_there = modeling_qwen3_5.Qwen3_5ForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32)
         assert torch.allclose(loaded_there.eval()(ids).logits, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_official_layout_loads_into_the_vision_language_model(official_dir, caplog):
+    with caplog.at_level(logging.WARNING):
+        ours = AutoModelForImageTextToText.from_pretrained(official_dir, dtype=torch.float32)
+    assert type(ours) is Qwen3_5ForConditionalGeneration
+    assert not [r for r in caplog.records if "missing" in r.getMessage().lower() or "newly initialized" in r.getMessage()]
+    native = modeling_qwen3_5.Qwen3_5ForConditionalGeneration.from_pretrained(official_dir, dtype=torch.float32)
+    config = ours.config
+    ids = [5, 6, config.vision_start_token_id] + [config.image_token_id] * 4 + [config.vision_end_token_id, 7, 8]
+    input_ids = torch.tensor([ids])
+    types = (input_ids == config.image_token_id).int()
+    pixels = torch.randn(16, 1536, generator=torch.Generator().manual_seed(0))
+    grid = torch.tensor([[1, 4, 4]])
+    with torch.no_grad():
+        mine = ours(input_ids=input_ids, pixel_values=pixels, image_grid_thw=grid).logits
+        theirs = native(input_ids=input_ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=types).logits
+    assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_vision_language_model_saves_the_official_checkpoint_back(official_dir, tmp_path):
+    model = AutoModelForImageTextToText.from_pretrained(official_dir, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    original, written = _read_all(official_dir), _read_all(tmp_path)
+    assert set(written) == set(original)  # mtp.* carried back
+    for name, tensor in original.items():
+        assert written[name].dtype == tensor.dtype, name
+        assert torch.equal(written[name], tensor), name
