@@ -33,11 +33,26 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 BPE_VOCAB_SIZE = 512 - len(CHAT_SPECIAL_TOKENS) - len(THINKING_TOKENS) - len(VISION_TOKENS)
 MAX_VOCAB_SIZE = 1024
 
-# ChatML, as the Qwen models use it. `enable_thinking=False` pre-fills an empty thinking block, like the official
-# templates, so that `qwen35 generate --no-thinking` has something to switch on the demo checkpoint too.
+# ChatML, as the Qwen models use it, with the official vision placeholders for image and video message parts.
+# `enable_thinking=False` pre-fills an empty thinking block, like the official templates, so that
+# `qwen35 generate --no-thinking` has something to switch on the demo checkpoint too.
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}"
+    "{{- message['content'] }}"
+    "{%- else %}"
+    "{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'video' or 'video' in part %}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in part %}"
+    "{{- part['text'] }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- endif %}"
+    "{{- '<|im_end|>' + '\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
     "{{- '<|im_start|>assistant\\n' }}"
@@ -139,12 +154,25 @@ def _write_generation_config(directory: Path, tokenizer: PreTrainedTokenizerFast
     (directory / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
 
 
+def _write_processor_configs(directory: Path) -> None:
+    """The official repos' image and video processor files, which name transformers' ``Qwen3VLProcessor``."""
+    from .processing import IMAGE_CONFIG_FILE, OFFICIAL_IMAGE_PROCESSOR, OFFICIAL_VIDEO_PROCESSOR, VIDEO_CONFIG_FILE
+
+    image = {**OFFICIAL_IMAGE_PROCESSOR, "processor_class": "Qwen3VLProcessor"}
+    image["image_processor_type"] = "Qwen2VLImageProcessorFast"
+    video = {**OFFICIAL_VIDEO_PROCESSOR, "processor_class": "Qwen3VLProcessor"}
+    video["video_processor_type"] = "Qwen3VLVideoProcessor"
+    (directory / IMAGE_CONFIG_FILE).write_text(json.dumps(image, indent=2) + "\n")
+    (directory / VIDEO_CONFIG_FILE).write_text(json.dumps(video, indent=2) + "\n")
+
+
 def build_demo_checkpoint(directory: str | os.PathLike, seed: int = 0) -> Path:
     """Write a complete, loadable Qwen3.5 checkpoint with RANDOM weights to ``directory`` and return its path.
 
     It holds the official layout (composite ``config.json``, ``model.safetensors`` with ``model.language_model.*``,
-    ``model.visual.*`` and ``mtp.*`` tensors), the demo tokenizer and a greedy ``generation_config.json``, so
-    ``AutoTokenizer`` / ``AutoModelForCausalLM.from_pretrained(path)`` work on it exactly as on a real checkpoint.
+    ``model.visual.*`` and ``mtp.*`` tensors), the demo tokenizer, the official image/video processor files and a
+    greedy ``generation_config.json``, so ``AutoTokenizer`` / ``AutoProcessor`` / ``AutoModelForCausalLM`` /
+    ``AutoModelForImageTextToText.from_pretrained(path)`` work on it exactly as on a real checkpoint.
     """
     directory = Path(directory)
     tokenizer = make_demo_tokenizer()
@@ -159,6 +187,7 @@ def build_demo_checkpoint(directory: str | os.PathLike, seed: int = 0) -> Path:
     write_random_checkpoint(directory, config, seed=seed)
     tokenizer.save_pretrained(str(directory))
     _write_generation_config(directory, tokenizer)
+    _write_processor_configs(directory)
     return directory
 
 

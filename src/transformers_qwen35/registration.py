@@ -7,13 +7,19 @@ override on every transformers 5.x and makes ``register()`` idempotent.
 
 from __future__ import annotations
 
-from transformers import AutoConfig
+import functools
+import json
+import os
+from pathlib import Path
+
+from transformers import AutoConfig, AutoProcessor
 from transformers.models.auto import modeling_auto
 from transformers.utils import logging
 
 from .configuration import Qwen3_5Config, Qwen3_5TextConfig, Qwen3_5VisionConfig
 from .modeling import Qwen3_5ForCausalLM, Qwen3_5TextModel
 from .multimodal import Qwen3_5ForConditionalGeneration, Qwen3_5Model
+from .processing import Qwen3_5Processor
 
 logger = logging.get_logger(__name__)
 
@@ -49,6 +55,64 @@ def _register_checkpoint_renaming() -> None:
         conversion_mapping.register_checkpoint_conversion_mapping("qwen3_5_text", rule, overwrite=True)
 
 
+# Set to "builtin" to let AutoProcessor return transformers' own Qwen3VLProcessor for official checkpoints.
+PROCESSOR_ENV = "TRANSFORMERS_QWEN35_PROCESSOR"
+# Processor class names that mean "the standard Qwen3.5 processor" in a checkpoint's files.
+STANDARD_PROCESSOR_NAMES = (None, "Qwen3VLProcessor", "Qwen3_5Processor")
+
+
+def _named_processor_and_model_type(name_or_path, kwargs) -> tuple[str | None, str | None]:
+    """(processor class named in the files, config model_type), read from the JSON files without loading anything."""
+    from transformers.utils import cached_file
+
+    hub = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if key in kwargs}
+    quiet = dict(
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        _raise_exceptions_for_gated_repo=False,
+    )
+
+    def read(filename):
+        try:
+            path = cached_file(str(name_or_path), filename, **hub, **quiet)
+        except Exception:
+            return {}
+        return json.loads(Path(path).read_text()) if path else {}
+
+    config = read("config.json")
+    named = None
+    for filename in ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json"):
+        named = read(filename).get("processor_class")
+        if named:
+            break
+    return named, config.get("model_type")
+
+
+def _route_official_processors() -> None:
+    """Make ``AutoProcessor.from_pretrained`` return ``Qwen3_5Processor`` for Qwen3.5 checkpoints.
+
+    The official repos name ``Qwen3VLProcessor`` in their files, and AutoProcessor resolves that name to the built-in
+    class before it looks at the class registered for the config (``AutoProcessor.register`` alone is not enough),
+    and that class cannot be built without torchvision. So we wrap the factory: when the folder's ``config.json`` says
+    ``qwen3_5`` and its files name the standard processor (or none), our processor is returned; everything else goes
+    to transformers unchanged. ``TRANSFORMERS_QWEN35_PROCESSOR=builtin`` switches the routing off.
+    """
+    builtin = AutoProcessor.from_pretrained
+    if getattr(builtin, "_transformers_qwen35", False):
+        return
+
+    @functools.wraps(builtin)
+    def from_pretrained(pretrained_model_name_or_path, *args, **kwargs):
+        if os.environ.get(PROCESSOR_ENV, "").lower() != "builtin" and not args:
+            named, model_type = _named_processor_and_model_type(pretrained_model_name_or_path, kwargs)
+            if model_type in CONFIGS and named in STANDARD_PROCESSOR_NAMES:
+                return Qwen3_5Processor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return builtin(pretrained_model_name_or_path, *args, **kwargs)
+
+    from_pretrained._transformers_qwen35 = True
+    AutoProcessor.from_pretrained = staticmethod(from_pretrained)
+
+
 def register() -> None:
     """Make the Auto* factories resolve Qwen3.5 to this package (idempotent)."""
     global _done
@@ -56,11 +120,13 @@ def register() -> None:
         AutoConfig.register(model_type, config_class, exist_ok=True)
     for mapping, config_class, model_class in MODELS:
         mapping.register(config_class, model_class, exist_ok=True)
+    AutoProcessor.register(Qwen3_5Config, Qwen3_5Processor, exist_ok=True)
+    _route_official_processors()
     _register_checkpoint_renaming()
     if not _done:
         logger.info(
             "transformers_qwen35: model types qwen3_5 and qwen3_5_text now load this package's classes "
-            "(AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText)."
+            "(AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor)."
         )
     _done = True
 
