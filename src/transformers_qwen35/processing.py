@@ -136,13 +136,11 @@ class Qwen3_5Processor(Qwen3VLProcessor):
         return super().__call__(images=images, text=text, videos=videos, **kwargs)
 
     def _check_videos(self, videos):
+        """Frame counts first (cheap, and wrong whatever is installed), then whether video can be read at all."""
         if videos is None or (isinstance(videos, (list, tuple)) and len(videos) == 0):
             return None
-        if self.video_processor is None:
-            _, reason = _video_processor_class()
-            raise ImportError(VIDEO_NEEDS_TORCHVISION.format(reason=reason))
         items = videos if isinstance(videos, (list, tuple)) and not _is_frame(videos[0]) else [videos]
-        needed = self.video_processor.temporal_patch_size
+        needed = getattr(self.video_processor, "temporal_patch_size", OFFICIAL_VIDEO_PROCESSOR["temporal_patch_size"])
         for index, video in enumerate(items):
             if isinstance(video, (str, os.PathLike)):
                 continue  # decoded and sampled (at least min_frames) by the video processor
@@ -152,6 +150,9 @@ class Qwen3_5Processor(Qwen3VLProcessor):
                     f"Video {index} has {frames} frame(s), fewer than the temporal patch of {needed}: give at least "
                     f"{needed} frames, or pass a single frame as an image."
                 )
+        if self.video_processor is None:
+            _, reason = _video_processor_class()
+            raise ImportError(VIDEO_NEEDS_TORCHVISION.format(reason=reason))
         return videos
 
 
