@@ -139,7 +139,7 @@ class Qwen3_5Processor(Qwen3VLProcessor):
         """Frame counts first (cheap, and wrong whatever is installed), then whether video can be read at all."""
         if videos is None or (isinstance(videos, (list, tuple)) and len(videos) == 0):
             return None
-        items = videos if isinstance(videos, (list, tuple)) and not _is_frame(videos[0]) else [videos]
+        items = _list_videos(videos)
         needed = getattr(self.video_processor, "temporal_patch_size", OFFICIAL_VIDEO_PROCESSOR["temporal_patch_size"])
         for index, video in enumerate(items):
             if isinstance(video, (str, os.PathLike)):
@@ -266,9 +266,20 @@ def _check_placeholder_counts(text, images, videos, image_token, video_token):
             )
 
 
-def _count_videos(videos) -> int:
+def _list_videos(videos) -> list:
+    """The videos in any accepted nesting (batch of samples, videos per sample): each a path, frames or an array."""
     if videos is None:
-        return 0
+        return []
+    if isinstance(videos, (str, os.PathLike)) or len(getattr(videos, "shape", ())) == 4:
+        return [videos]
+    if _is_frame(videos):
+        return [[videos]]
     if isinstance(videos, (list, tuple)):
-        return 0 if len(videos) == 0 else (1 if _is_frame(videos[0]) else len(videos))
-    return 1
+        if videos and all(_is_frame(item) for item in videos):
+            return [videos]
+        return [video for item in videos for video in _list_videos(item)]
+    return [videos]
+
+
+def _count_videos(videos) -> int:
+    return len(_list_videos(videos))
