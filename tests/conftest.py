@@ -49,7 +49,10 @@ def tiny_text_kwargs(**overrides) -> dict:
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """max |ours - reference| / max |reference|."""
-    return float((ours.detach().double() - reference.double()).abs().max() / reference.detach().double().abs().max().clamp_min(1e-30))
+    return float(
+        (ours.detach().double() - reference.double()).abs().max()
+        / reference.detach().double().abs().max().clamp_min(1e-30)
+    )
 
 
 def build_pair(seed: int = 0, attn_implementation: str = "eager", **overrides):

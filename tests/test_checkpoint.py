@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.models.qwen3_5 import modeling_qwen3_5
 
-from transformers_qwen35 import Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5Model, Qwen3_5TextModel
+from transformers_qwen35 import Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5Model
 from transformers_qwen35.checkpoint import official_tensors, write_random_checkpoint
 from transformers_qwen35.presets import official_config, tiny_config
 
@@ -32,9 +32,9 @@ def test_inventory_reproduces_the_official_index(size):
     tensors = official_tensors(official_config(size))
     count, total_size, fp32 = OFFICIAL_INDEX[size]
     assert len(tensors) == count
-    assert sum(torch.Size(shape).numel() * (4 if dtype == torch.float32 else 2) for shape, dtype in tensors.values()) == (
-        total_size
-    )
+    assert sum(
+        torch.Size(shape).numel() * (4 if dtype == torch.float32 else 2) for shape, dtype in tensors.values()
+    ) == (total_size)
     assert sum(dtype == torch.float32 for _, dtype in tensors.values()) == fp32
 
 
@@ -62,7 +62,9 @@ def test_official_layout_loads_without_missing_key_noise_and_matches_native(offi
     with caplog.at_level(logging.WARNING):
         ours = AutoModelForCausalLM.from_pretrained(official_dir, dtype=torch.float32)
     assert type(ours) is Qwen3_5ForCausalLM
-    assert not [r for r in caplog.records if "missing" in r.getMessage().lower() or "newly initialized" in r.getMessage()]
+    assert not [
+        r for r in caplog.records if "missing" in r.getMessage().lower() or "newly initialized" in r.getMessage()
+    ]
     assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()  # tied, not random
     native = modeling_qwen3_5.Qwen3_5ForConditionalGeneration.from_pretrained(official_dir, dtype=torch.float32)
     ids = torch.randint(0, 1000, (2, 19), generator=torch.Generator().manual_seed(0))
@@ -110,7 +112,9 @@ def test_official_layout_loads_into_the_vision_language_model(official_dir, capl
     with caplog.at_level(logging.WARNING):
         ours = AutoModelForImageTextToText.from_pretrained(official_dir, dtype=torch.float32)
     assert type(ours) is Qwen3_5ForConditionalGeneration
-    assert not [r for r in caplog.records if "missing" in r.getMessage().lower() or "newly initialized" in r.getMessage()]
+    assert not [
+        r for r in caplog.records if "missing" in r.getMessage().lower() or "newly initialized" in r.getMessage()
+    ]
     native = modeling_qwen3_5.Qwen3_5ForConditionalGeneration.from_pretrained(official_dir, dtype=torch.float32)
     config = ours.config
     ids = [5, 6, config.vision_start_token_id] + [config.image_token_id] * 4 + [config.vision_end_token_id, 7, 8]

@@ -190,7 +190,10 @@ def test_generate_twice_with_different_images_keeps_rows_apart(vl_pair):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(input_ids=torch.tensor([[5] + vision_run(3, IMAGE_PAD) + [6]])), "placeholder tokens but the images give"),
+        (
+            dict(input_ids=torch.tensor([[5] + vision_run(3, IMAGE_PAD) + [6]])),
+            "placeholder tokens but the images give",
+        ),
         (dict(pixel_values=torch.randn(16, 4 * 2 * 16 * 16)), "Images must be RGB"),
         (dict(pixel_values=torch.randn(12, 1536)), "describes 16"),
         (dict(image_grid_thw=torch.tensor([[1, 3, 4]])), "multiples of 2"),

@@ -101,7 +101,9 @@ def test_text_generation_pipeline_matches_builtin(demo_dir):
     messages = [{"role": "user", "content": "Tell me a story about a robot."}]
     ours = pipe(messages, max_new_tokens=NEW_TOKENS, do_sample=False)[0]["generated_text"][-1]["content"]
     native = modeling_qwen3_5.Qwen3_5ForCausalLM.from_pretrained(demo_dir, dtype=torch.float32)
-    prompt = pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = pipe.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         ids = native.generate(**prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert ours == pipe.tokenizer.decode(ids[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -77,7 +77,10 @@ def test_images_as_paths_arrays_and_pil_give_the_same_inputs(processor, tmp_path
     image = random_image(120, 90, 4)
     image.save(tmp_path / "photo.png")
     array = np.asarray(image)
-    results = [processor(text=[IMAGE], images=[source], return_tensors="pt") for source in (image, array, str(tmp_path / "photo.png"))]
+    results = [
+        processor(text=[IMAGE], images=[source], return_tensors="pt")
+        for source in (image, array, str(tmp_path / "photo.png"))
+    ]
     for other in results[1:]:
         assert torch.equal(other["pixel_values"], results[0]["pixel_values"])
         assert torch.equal(other["input_ids"], results[0]["input_ids"])

@@ -8,8 +8,8 @@ from .cache import Qwen3_5HybridCache
 from .configuration import Qwen3_5Config, Qwen3_5TextConfig, Qwen3_5VisionConfig
 from .modeling import Qwen3_5ForCausalLM, Qwen3_5PreTrainedModel, Qwen3_5TextModel
 from .multimodal import Qwen3_5ForConditionalGeneration, Qwen3_5Model
-from .vision import Qwen3_5VisionModel
 from .registration import register
+from .vision import Qwen3_5VisionModel
 
 __version__ = "0.1.0"
 

@@ -133,7 +133,9 @@ class Qwen3_5TextConfig(PretrainedConfig):
             )
         unknown = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
         if unknown:
-            raise ValueError(f"Qwen3_5TextConfig.layer_types contains {unknown}; each entry must be one of {LAYER_TYPES}.")
+            raise ValueError(
+                f"Qwen3_5TextConfig.layer_types contains {unknown}; each entry must be one of {LAYER_TYPES}."
+            )
         _divides(self, "num_attention_heads", "num_key_value_heads")
         _divides(self, "linear_num_value_heads", "linear_num_key_heads")
 

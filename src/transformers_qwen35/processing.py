@@ -246,7 +246,9 @@ def _open_image(source: str, index: int):
     except Exception as error:
         what = "fetch" if is_url else "read"
         hint = " (no network here? download it first and pass the path)" if is_url else ""
-        raise ValueError(f"Image {index}: could not {what} {source!r}{hint}: {type(error).__name__}: {error}") from error
+        raise ValueError(
+            f"Image {index}: could not {what} {source!r}{hint}: {type(error).__name__}: {error}"
+        ) from error
 
 
 def _check_placeholder_counts(text, images, videos, image_token, video_token):

@@ -65,7 +65,9 @@ def _named_processor_and_model_type(name_or_path, kwargs) -> tuple[str | None, s
     """(processor class named in the files, config model_type), read from the JSON files without loading anything."""
     from transformers.utils import cached_file
 
-    hub = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if key in kwargs}
+    hub = {
+        key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if key in kwargs
+    }
     quiet = dict(
         _raise_exceptions_for_missing_entries=False,
         _raise_exceptions_for_connection_errors=False,

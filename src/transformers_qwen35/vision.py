@@ -37,7 +37,6 @@ def merge_block_order(rows: torch.Tensor, merge: int) -> torch.Tensor:
 
 def validate_grids(grid_thw: torch.Tensor, patches: int, config: Qwen3_5VisionConfig, what: str) -> None:
     """Cheap shape checks, so a wrong input fails with advice before the tower runs."""
-    width = config.in_channels * config.temporal_patch_size * config.patch_size**2
     if grid_thw is None:
         raise ValueError(f"{what} were given without their grid: pass {what}_grid_thw from the processor too.")
     if grid_thw.dim() != 2 or grid_thw.shape[-1] != 3:
