@@ -95,7 +95,7 @@ def test_gradients_match_builtin():
         reference = theirs[name].grad
         if reference is None or reference.abs().max() == 0:
             continue
-        assert relative_error(parameter.grad, reference) < 1e-4, name
+        assert relative_error(parameter.grad, reference) < 3e-5, name
         checked += name.startswith("model.visual.")
     assert checked >= 10  # the vision tower's gradients were compared too
 
