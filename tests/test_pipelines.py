@@ -107,3 +107,19 @@ def test_text_generation_pipeline_matches_builtin(demo_dir):
     with torch.no_grad():
         ids = native.generate(**prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert ours == pipe.tokenizer.decode(ids[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_multimodal_example_runs(capsys, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(sys, "argv", ["multimodal_chat.py"])
+    runpy.run_path(str(Path(__file__).parents[1] / "examples" / "multimodal_chat.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "processor: Qwen3_5Processor, model: Qwen3_5ForConditionalGeneration" in out
+    assert "image grid [1, 16, 20] -> 80 image tokens" in out  # 320 x 240 rounded to 320 x 256
+    if is_torchvision_available():
+        assert "video tokens" in out and out.count("assistant: ") == 2
+    else:
+        assert "video skipped: Video input needs torchvision" in out
