@@ -55,6 +55,19 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     )
 
 
+def perturbed_state(model, tied_embedding: str | None) -> dict:
+    """The model's weights plus noise (so zero-initialised norms matter), with moderate DeltaNet decays."""
+    state = {name: value + 0.1 * torch.randn_like(value) for name, value in model.state_dict().items()}
+    for name in state:
+        if name.endswith("A_log"):
+            # Moderate decays, as in trained checkpoints: with exp(A_log) near 16 the state forgets within a token,
+            # gradients of the gate vanish to ~1e-8 and only rounding is left to compare.
+            state[name] = torch.empty_like(state[name]).uniform_(0.3, 2.0).log()
+    if tied_embedding is not None:
+        state["lm_head.weight"] = state[tied_embedding]
+    return state
+
+
 def build_pair(seed: int = 0, attn_implementation: str = "eager", **overrides):
     """(ours, built-in) text causal LMs with identical, non-trivial weights, in eval mode, fp32."""
     from transformers.models.qwen3_5 import configuration_qwen3_5, modeling_qwen3_5
@@ -65,14 +78,7 @@ def build_pair(seed: int = 0, attn_implementation: str = "eager", **overrides):
     native = modeling_qwen3_5.Qwen3_5ForCausalLM(
         configuration_qwen3_5.Qwen3_5TextConfig(**kwargs, attn_implementation=attn_implementation)
     )
-    state = {name: value + 0.1 * torch.randn_like(value) for name, value in ours.state_dict().items()}
-    for name in state:
-        if name.endswith("A_log"):
-            # Moderate decays, as in trained checkpoints: with exp(A_log) near 16 the state forgets within a token,
-            # gradients of the gate vanish to ~1e-8 and only rounding is left to compare.
-            state[name] = torch.empty_like(state[name]).uniform_(0.3, 2.0).log()
-    if kwargs["tie_word_embeddings"]:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    state = perturbed_state(ours, tied_embedding="model.embed_tokens.weight" if kwargs["tie_word_embeddings"] else None)
     ours.load_state_dict(state)
     native.load_state_dict(state)
     return ours.eval(), native.eval()
@@ -119,12 +125,8 @@ def build_vl_pair(seed: int = 0, attn_implementation: str = "eager", **text_over
     native_config.text_config._attn_implementation = attn_implementation
     native_config.vision_config._attn_implementation = attn_implementation
     native = modeling_qwen3_5.Qwen3_5ForConditionalGeneration(native_config)
-    state = {name: value + 0.1 * torch.randn_like(value) for name, value in ours.state_dict().items()}
-    for name in state:
-        if name.endswith("A_log"):
-            state[name] = torch.empty_like(state[name]).uniform_(0.3, 2.0).log()
-    if config["tie_word_embeddings"]:
-        state["lm_head.weight"] = state["model.language_model.embed_tokens.weight"]
+    tied = "model.language_model.embed_tokens.weight" if config["tie_word_embeddings"] else None
+    state = perturbed_state(ours, tied_embedding=tied)
     ours.load_state_dict(state)
     missing, unexpected = native.load_state_dict(state, strict=False)
     assert not unexpected and all("inv_freq" in name for name in missing), (missing, unexpected)

@@ -350,6 +350,21 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
         if self.carried_tensors is not None and is_main and kwargs.get("safe_serialization", True):
             self.carried_tensors.write(save_directory, self.config)
 
+    def _head_output(self, outputs, labels, logits_to_keep, vocab_size, kwargs) -> CausalLMOutputWithPast:
+        """``lm_head`` on the kept positions, and the loss when labels are given (for the two generating heads)."""
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model creates its own Qwen3_5HybridCache
@@ -580,16 +595,4 @@ class Qwen3_5ForCausalLM(Qwen3_5PreTrainedModel, GenerationMixin):
             cache=cache,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
-        )
+        return self._head_output(outputs, labels, logits_to_keep, self.config.vocab_size, kwargs)

@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import GenerationMixin
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .cache import Qwen3_5HybridCache
 from .configuration import Qwen3_5Config
-from .modeling import CACHE_FIELD, Qwen3_5PreTrainedModel, Qwen3_5TextModel
+from .modeling import Qwen3_5PreTrainedModel, Qwen3_5TextModel
 from .multimodal_positions import IMAGE, TEXT, VIDEO, rope_positions, token_types
 from .vision import Qwen3_5VisionModel, validate_grids
 
@@ -269,20 +269,7 @@ class Qwen3_5ForConditionalGeneration(Qwen3_5PreTrainedModel, GenerationMixin):
             cache=cache,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
-        if labels is not None:
-            vocab_size = self.config.text_config.vocab_size
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
-        )
+        return self._head_output(outputs, labels, logits_to_keep, self.config.text_config.vocab_size, kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
         inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
