@@ -10,6 +10,30 @@ import torch
 os.environ.setdefault("TRANSFORMERS_QWEN35_KERNELS", "auto")
 
 import transformers_qwen35  # noqa: E402,F401  (registers the package)
+
+
+def _point_builtin_oracle_at_its_pytorch_ops() -> None:
+    """On a CPU-only machine with triton installed, built-in transformers binds fla's Triton kernels at import and
+    every forward fails with "0 active drivers" (kernels-and-traps.md §8.1). Our package survives that; the oracle
+    does not, so there it runs the PyTorch references it uses when fla is absent (the same math)."""
+    import importlib.util
+    import inspect
+
+    if torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        return
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+
+    for name in (
+        "torch_chunk_gated_delta_rule",
+        "torch_recurrent_gated_delta_rule",
+        "causal_conv1d_fn",
+        "causal_conv1d_update",
+    ):
+        if hasattr(modeling_qwen3_5, name):
+            setattr(modeling_qwen3_5, name, inspect.unwrap(getattr(modeling_qwen3_5, name)))
+
+
+_point_builtin_oracle_at_its_pytorch_ops()
 from transformers_qwen35 import Qwen3_5ForCausalLM, Qwen3_5TextConfig  # noqa: E402
 
 ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}

@@ -60,7 +60,10 @@ def test_text_config_derives_layer_types_and_the_official_mrope_section():
         (dict(num_hidden_layers=2, layer_types=["linear_attention", "sliding_attention"]), "layer_types"),
         (dict(num_attention_heads=6, num_key_value_heads=4), "num_attention_heads"),
         (dict(linear_num_key_heads=16, linear_num_value_heads=24), "linear_num_value_heads"),
-        (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e7, "mrope_section": [11, 11, 11]}), "mrope_section"),
+        (
+            dict(rope_parameters={"rope_type": "default", "rope_theta": 1e7, "mrope_section": [11, 11, 11]}),
+            "mrope_section",
+        ),
         (dict(hidden_size=0), "hidden_size"),
     ],
 )

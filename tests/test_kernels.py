@@ -157,7 +157,9 @@ def test_forced_fla_path_passes_the_documented_arguments(monkeypatch):
         assert activation == "silu" and eps == 1e-6
         return kernels.torch_gated_rms_norm(x, gate, weight, eps)
 
-    _install_fake_fla(monkeypatch, dict(chunk=chunk, recurrent=recurrent, conv=conv, conv_update=conv_update, norm=norm))
+    _install_fake_fla(
+        monkeypatch, dict(chunk=chunk, recurrent=recurrent, conv=conv, conv_update=conv_update, norm=norm)
+    )
     ours, _ = build_pair(seed=9, rms_norm_eps=1e-6)
     ids = torch.randint(1, 99, (1, 12))
     monkeypatch.setenv(kernels.KERNELS_ENV, "torch")

@@ -133,7 +133,17 @@ class Qwen3_5Processor(Qwen3VLProcessor):
         images = _check_images(images)
         videos = self._check_videos(videos)
         _check_placeholder_counts(text, images, videos, self.image_token, self.video_token)
-        return super().__call__(images=images, text=text, videos=videos, **kwargs)
+        try:
+            return super().__call__(images=images, text=text, videos=videos, **kwargs)
+        except ValueError as error:
+            # A video file's frame count is only known once decoded: translate transformers' message.
+            if "temporal_factor" not in str(error):
+                raise
+            needed = self.video_processor.temporal_patch_size
+            raise ValueError(
+                f"A video has fewer frames than the temporal patch of {needed} once sampled ({error}): use a longer "
+                "clip, or pass its single frame as an image."
+            ) from error
 
     def _check_videos(self, videos):
         """Frame counts first (cheap, and wrong whatever is installed), then whether video can be read at all."""
@@ -143,7 +153,7 @@ class Qwen3_5Processor(Qwen3VLProcessor):
         needed = getattr(self.video_processor, "temporal_patch_size", OFFICIAL_VIDEO_PROCESSOR["temporal_patch_size"])
         for index, video in enumerate(items):
             if isinstance(video, (str, os.PathLike)):
-                continue  # decoded and sampled (at least min_frames) by the video processor
+                continue  # counted once decoded (see __call__)
             frames = len(video) if isinstance(video, (list, tuple)) else np.asarray(video).shape[0]
             if frames < needed:
                 raise ValueError(
