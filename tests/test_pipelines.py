@@ -123,3 +123,29 @@ def test_multimodal_example_runs(capsys, monkeypatch):
         assert "video tokens" in out and out.count("assistant: ") == 2
     else:
         assert "video skipped: Video input needs torchvision" in out
+
+
+def test_processor_batch_mixing_image_and_text_rows_generates_each_row_as_alone(demo_dir, photo):
+    """AutoProcessor + AutoModelForImageTextToText + generate on a left-padded batch: each row as if run alone."""
+    from transformers import AutoModelForImageTextToText
+
+    processor = AutoProcessor.from_pretrained(demo_dir)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(demo_dir, dtype=torch.float32).eval()
+    image = Image.open(photo).convert("RGB")
+    chats = [
+        chat(image),
+        [{"role": "user", "content": [{"type": "text", "text": "A question with no picture at all, and longer."}]}],
+        [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "image", "image": image}]}],
+    ]
+
+    def run(batch):
+        inputs = processor.apply_chat_template(
+            batch, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True
+        )
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+        return ids[:, inputs["input_ids"].shape[1] :].tolist()
+
+    together = run(chats)
+    assert together == [run([one])[0] for one in chats]
