@@ -342,6 +342,8 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
             model.carried_tensors = CarriedTensors.from_checkpoint(
                 pretrained_model_name_or_path, kwargs, prefixes=("mtp.",), text_only=False
             )
+        if getattr(model, "generation_config", None) is not None and model.generation_config._from_model_config:
+            _use_recommended_sampling(model)
         return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -378,6 +380,25 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
         elif isinstance(module, Qwen3_5RMSNorm):
             init.zeros_(module.weight)
+
+
+# The official vocabulary's end-of-turn and end-of-text ids: chat generation must stop at either.
+OFFICIAL_VOCAB_SIZE, IM_END_ID, ENDOFTEXT_ID = 248320, 248046, 248044
+
+
+def _use_recommended_sampling(model) -> None:
+    """A checkpoint without ``generation_config.json`` samples as its model card recommends for its size's default
+    mode, and stops at end of turn, instead of greedy decoding that runs past ``<|im_end|>`` (see sampling.py)."""
+    from .presets import size_of
+    from .sampling import recommended_generation_config
+
+    size = size_of(model.config)
+    if size is None:
+        return
+    extra = {}
+    if model.config.get_text_config().vocab_size == OFFICIAL_VOCAB_SIZE:
+        extra = dict(eos_token_id=[IM_END_ID, ENDOFTEXT_ID], pad_token_id=ENDOFTEXT_ID)
+    model.generation_config = recommended_generation_config(size, **extra)
 
 
 def _text_positions(position_ids, batch, length, past, device):

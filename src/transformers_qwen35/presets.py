@@ -95,6 +95,15 @@ def official_config(size: str) -> Qwen3_5Config:
     return Qwen3_5Config(**official_config_dict(size))
 
 
+def size_of(config) -> str | None:
+    """Which official size a config (composite or text) has the shape of, or None for any other shape."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for size, values in _SIZES.items():
+        if (text.hidden_size, text.num_hidden_layers) == (values[0], values[1]):
+            return size
+    return None
+
+
 def tiny_config(vocab_size: int = 1024) -> Qwen3_5Config:
     """A composite config of the official layout, small enough for tests and the demo (milliseconds a step)."""
     config = official_config_dict("0.8B")
