@@ -5,10 +5,14 @@
 """
 
 from .cache import Qwen3_5HybridCache
+from .chat_template import get_chat_template, thinking_default_for
 from .configuration import Qwen3_5Config, Qwen3_5TextConfig, Qwen3_5VisionConfig
 from .modeling import Qwen3_5ForCausalLM, Qwen3_5PreTrainedModel, Qwen3_5TextModel
 from .multimodal import Qwen3_5ForConditionalGeneration, Qwen3_5Model
+from .processing import Qwen3_5Processor
 from .registration import register
+from .sampling import PresencePenaltyLogitsProcessor, recommended_sampling
+from .thinking_budget import ThinkingBudgetProcessor
 from .vision import Qwen3_5VisionModel
 
 __version__ = "0.1.0"
@@ -26,6 +30,12 @@ __all__ = [
     "Qwen3_5VisionModel",
     "Qwen3_5PreTrainedModel",
     "Qwen3_5HybridCache",
+    "Qwen3_5Processor",
+    "get_chat_template",
+    "thinking_default_for",
+    "recommended_sampling",
+    "PresencePenaltyLogitsProcessor",
+    "ThinkingBudgetProcessor",
     "register",
     "__version__",
 ]

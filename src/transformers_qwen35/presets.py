@@ -96,10 +96,19 @@ def official_config(size: str) -> Qwen3_5Config:
 
 
 def size_of(config) -> str | None:
-    """Which official size a config (composite or text) has the shape of, or None for any other shape."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    """Which official size a config (composite, text, or a ``config.json`` dict) has the shape of, or None.
+
+    Width and depth must both match (llama.cpp tells the sizes apart the same way: 24 layers for 0.8B/2B, 32 for
+    4B/9B, then the width); a pruned or widened derivative is not an official size.
+    """
+    if isinstance(config, dict):
+        text = config.get("text_config") or config
+        shape = (text.get("hidden_size"), text.get("num_hidden_layers"))
+    else:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        shape = (getattr(text, "hidden_size", None), getattr(text, "num_hidden_layers", None))
     for size, values in _SIZES.items():
-        if (text.hidden_size, text.num_hidden_layers) == (values[0], values[1]):
+        if shape == (values[0], values[1]):
             return size
     return None
 
