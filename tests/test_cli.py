@@ -92,7 +92,8 @@ def test_demo_tokenizer_has_the_qwen_chat_tokens(tmp_path):
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
     )
-    assert prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    # the official 0.8B/2B format: thinking off unless asked for
+    assert prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
 def test_demo_checkpoint_loads_as_our_model_with_matching_vocabulary(demo_dir, reference):
@@ -132,7 +133,7 @@ def test_generate_no_chat_prints_exactly_the_greedy_continuation(capsys, demo_di
 def test_generate_chat_applies_the_template(capsys, demo_dir, reference):
     code, out, err = run_main(capsys, "generate", "--model", str(demo_dir), "--max-new-tokens", "10", *CPU, "Hi there")
     assert code == 0, err
-    chat_prompt = "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    chat_prompt = "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     assert out == greedy_reply(reference, chat_prompt, 10) + "\n"
     assert out != greedy_reply(reference, "Hi there", 10) + "\n"
 
@@ -153,7 +154,8 @@ def test_thinking_switch_reaches_the_template_only_when_it_has_one(capsys, refer
     tokenizer, _ = reference
     off = cli.build_prompt(tokenizer, "Hi", chat=True, thinking=False)
     assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    assert cli.build_prompt(tokenizer, "Hi", chat=True, thinking=None).endswith("<|im_start|>assistant\n")
+    assert cli.build_prompt(tokenizer, "Hi", chat=True, thinking=None) == off  # the 0.8B/2B default
+    assert cli.build_prompt(tokenizer, "Hi", chat=True, thinking=True).endswith("<|im_start|>assistant\n<think>\n")
     assert cli.build_prompt(tokenizer, "Hi", chat=False, thinking=False) == "Hi"
 
     class TemplateWithoutThinking:

@@ -11,6 +11,7 @@ from .modeling import Qwen3_5ForCausalLM, Qwen3_5PreTrainedModel, Qwen3_5TextMod
 from .multimodal import Qwen3_5ForConditionalGeneration, Qwen3_5Model
 from .processing import Qwen3_5Processor
 from .registration import register
+from .response_parsing import StreamingResponseParser, parse_response
 from .sampling import PresencePenaltyLogitsProcessor, recommended_sampling
 from .thinking_budget import ThinkingBudgetProcessor
 from .vision import Qwen3_5VisionModel
@@ -36,6 +37,8 @@ __all__ = [
     "recommended_sampling",
     "PresencePenaltyLogitsProcessor",
     "ThinkingBudgetProcessor",
+    "parse_response",
+    "StreamingResponseParser",
     "register",
     "__version__",
 ]

@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from .chat_template import get_chat_template
 from .checkpoint import write_random_checkpoint
 from .presets import tiny_config
 
@@ -33,34 +34,9 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 BPE_VOCAB_SIZE = 512 - len(CHAT_SPECIAL_TOKENS) - len(THINKING_TOKENS) - len(VISION_TOKENS)
 MAX_VOCAB_SIZE = 1024
 
-# ChatML, as the Qwen models use it, with the official vision placeholders for image and video message parts.
-# `enable_thinking=False` pre-fills an empty thinking block, like the official templates, so that
-# `qwen35 generate --no-thinking` has something to switch on the demo checkpoint too.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string %}"
-    "{{- message['content'] }}"
-    "{%- else %}"
-    "{%- for part in message['content'] %}"
-    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
-    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{%- elif part['type'] == 'video' or 'video' in part %}"
-    "{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
-    "{%- elif 'text' in part %}"
-    "{{- part['text'] }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- endif %}"
-    "{{- '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
+# The Qwen3.5 chat format of the 0.8B/2B checkpoints (thinking off unless enable_thinking=True), which the demo
+# checkpoint's shape is derived from.
+CHAT_TEMPLATE = get_chat_template(thinking_default=False)
 
 # A short built-in text to learn merges from: plain English about chatting with a language model, so that common
 # words in demo prompts become single tokens. Any text would do; it only has to ship with the package.
