@@ -319,3 +319,36 @@ def test_thinking_default_for_unknown_shapes_is_false():
 def test_thinking_default_for_rejects_unknown_size_strings():
     with pytest.raises(ValueError, match="Unknown Qwen3.5 size"):
         thinking_default_for("27B")
+
+
+@pytest.mark.parametrize("size, ending", [("0.8B", "<think>\n\n</think>\n\n"), ("9B", "<think>\n")])
+def test_checkpoints_without_a_template_get_ours_for_their_size(tmp_path, size, ending):
+    """A base model or fine-tune that ships no chat template: AutoTokenizer and AutoProcessor give ours."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from transformers_qwen35.demo import make_demo_tokenizer
+    from transformers_qwen35.presets import official_config_dict
+
+    tokenizer = make_demo_tokenizer()
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps(official_config_dict(size)))
+    messages = [{"role": "user", "content": "Hi"}]
+    for loaded in (AutoTokenizer.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)):
+        prompt = loaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n" + ending
+
+
+def test_a_shipped_template_is_never_replaced(tmp_path):
+    from transformers import AutoTokenizer
+
+    from transformers_qwen35.demo import make_demo_tokenizer
+    from transformers_qwen35.presets import official_config_dict
+
+    tokenizer = make_demo_tokenizer()
+    tokenizer.chat_template = "{{ messages[0]['content'] }}!"
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(official_config_dict("9B")))
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False) == "Hi!"

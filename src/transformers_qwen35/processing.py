@@ -22,6 +22,8 @@ from transformers import AutoTokenizer
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.utils import logging
 
+from .chat_template import get_chat_template, thinking_default_for
+
 logger = logging.get_logger(__name__)
 
 # From the official preprocessor_config.json and video_preprocessor_config.json of Qwen/Qwen3.5-*.
@@ -106,6 +108,9 @@ class Qwen3_5Processor(Qwen3VLProcessor):
         image_processor = default_image_processor(**_processor_values(image_config, OFFICIAL_IMAGE_PROCESSOR))
         video_processor = default_video_processor(**_processor_values(video_config, OFFICIAL_VIDEO_PROCESSOR))
         chat_template = kwargs.get("chat_template") or tokenizer.chat_template
+        if chat_template is None:  # a base model or a fine-tune without one: the Qwen3.5 format for its size
+            config = _read_json(pretrained_model_name_or_path, "config.json", hub_kwargs) or {}
+            chat_template = get_chat_template(thinking_default_for(config))
         return cls(image_processor, tokenizer, video_processor, chat_template=chat_template)
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):

@@ -12,10 +12,11 @@ import json
 import os
 from pathlib import Path
 
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 from transformers.models.auto import modeling_auto
 from transformers.utils import logging
 
+from .chat_template import get_chat_template, thinking_default_for
 from .configuration import Qwen3_5Config, Qwen3_5TextConfig, Qwen3_5VisionConfig
 from .modeling import Qwen3_5ForCausalLM, Qwen3_5TextModel
 from .multimodal import Qwen3_5ForConditionalGeneration, Qwen3_5Model
@@ -61,8 +62,8 @@ PROCESSOR_ENV = "TRANSFORMERS_QWEN35_PROCESSOR"
 STANDARD_PROCESSOR_NAMES = (None, "Qwen3VLProcessor", "Qwen3_5Processor")
 
 
-def _named_processor_and_model_type(name_or_path, kwargs) -> tuple[str | None, str | None]:
-    """(processor class named in the files, config model_type), read from the JSON files without loading anything."""
+def read_checkpoint_json(name_or_path, filename: str, kwargs: dict) -> dict:
+    """One JSON file of a checkpoint folder or Hub repo ({} when absent or unreachable), without loading anything."""
     from transformers.utils import cached_file
 
     hub = {
@@ -73,21 +74,47 @@ def _named_processor_and_model_type(name_or_path, kwargs) -> tuple[str | None, s
         _raise_exceptions_for_connection_errors=False,
         _raise_exceptions_for_gated_repo=False,
     )
-
-    def read(filename):
-        try:
-            path = cached_file(str(name_or_path), filename, **hub, **quiet)
-        except Exception:
-            return {}
+    try:
+        path = cached_file(str(name_or_path), filename, **hub, **quiet)
         return json.loads(Path(path).read_text()) if path else {}
+    except Exception:
+        return {}
 
-    config = read("config.json")
+
+def _named_processor_and_model_type(name_or_path, kwargs) -> tuple[str | None, str | None]:
+    """(processor class named in the files, config model_type)."""
     named = None
     for filename in ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json"):
-        named = read(filename).get("processor_class")
+        named = read_checkpoint_json(name_or_path, filename, kwargs).get("processor_class")
         if named:
             break
-    return named, config.get("model_type")
+    return named, read_checkpoint_json(name_or_path, "config.json", kwargs).get("model_type")
+
+
+def _give_templateless_tokenizers_our_template() -> None:
+    """Base models and many fine-tunes ship no chat template; a Qwen3.5 tokenizer without one gets ours.
+
+    ``AutoTokenizer.from_pretrained`` is wrapped once: after transformers has loaded the tokenizer, if the folder's
+    ``config.json`` says Qwen3.5 and the tokenizer has no template, it gets ``get_chat_template`` with the default
+    mode of the checkpoint's size (thinking for 4B/9B, not for 0.8B/2B). A template the checkpoint ships is never
+    replaced.
+    """
+    builtin = AutoTokenizer.from_pretrained
+    if getattr(builtin, "_transformers_qwen35", False):
+        return
+
+    @functools.wraps(builtin)
+    def from_pretrained(pretrained_model_name_or_path, *args, **kwargs):
+        tokenizer = builtin(pretrained_model_name_or_path, *args, **kwargs)
+        if getattr(tokenizer, "chat_template", None) is None:
+            config = read_checkpoint_json(pretrained_model_name_or_path, "config.json", kwargs)
+            if config.get("model_type") in CONFIGS:
+                tokenizer.chat_template = get_chat_template(thinking_default_for(config))
+                logger.info("transformers_qwen35: the checkpoint has no chat template; using the Qwen3.5 one.")
+        return tokenizer
+
+    from_pretrained._transformers_qwen35 = True
+    AutoTokenizer.from_pretrained = staticmethod(from_pretrained)
 
 
 def _route_official_processors() -> None:
@@ -124,6 +151,7 @@ def register() -> None:
         mapping.register(config_class, model_class, exist_ok=True)
     AutoProcessor.register(Qwen3_5Config, Qwen3_5Processor, exist_ok=True)
     _route_official_processors()
+    _give_templateless_tokenizers_our_template()
     _register_checkpoint_renaming()
     if not _done:
         logger.info(
