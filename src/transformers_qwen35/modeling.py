@@ -352,6 +352,16 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
         if self.carried_tensors is not None and is_main and kwargs.get("safe_serialization", True):
             self.carried_tensors.write(save_directory, self.config)
 
+    def generate(self, *args, **kwargs):
+        if "enable_thinking" in kwargs:
+            # The prompt is already rendered by then; ignoring the switch would silently use the other mode.
+            raise ValueError(
+                "enable_thinking is a chat-template option, not a generate() argument: pass it to "
+                "apply_chat_template(..., enable_thinking=...), or to pipeline('text-generation') as "
+                "tokenizer_encode_kwargs={'enable_thinking': ...} (pipeline('image-text-to-text') takes it directly)."
+            )
+        return super().generate(*args, **kwargs)
+
     def _head_output(self, outputs, labels, logits_to_keep, vocab_size, kwargs) -> CausalLMOutputWithPast:
         """``lm_head`` on the kept positions, and the loss when labels are given (for the two generating heads)."""
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
