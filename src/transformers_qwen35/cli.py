@@ -2,6 +2,7 @@
 
     qwen35 generate [--model PATH_OR_HUB_ID] [options] "prompt"
     qwen35 demo [--dir DIR] [options] ["prompt"]
+    qwen35 chat [--model PATH_OR_HUB_ID | --demo] [--think | --no-think] [--hide-reasoning]
 
 Generated text streams to stdout as it is produced; everything else (progress, notices, errors) goes to stderr, so
 ``qwen35 generate "..." > answer.txt`` captures just the answer. A problem the user can fix is reported as one line
@@ -506,7 +507,9 @@ def generation_options(max_new_tokens: int) -> argparse.ArgumentParser:
         "--no-chat", action="store_true", help="continue the prompt as plain text instead of applying the chat template"
     )
     add(
+        "--think",
         "--thinking",
+        dest="thinking",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="turn the chat template's thinking mode on or off (default: the template's own)",
@@ -567,6 +570,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the user message (default: a short request)")
     demo.set_defaults(handler=run_demo)
+
+    from .chat_cli import add_chat_parser  # here, not at the top: chat_cli builds on this module
+
+    add_chat_parser(commands, (positive_int, non_negative_float, probability))
     return parser
 
 

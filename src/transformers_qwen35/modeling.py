@@ -409,6 +409,7 @@ def _use_recommended_sampling(model) -> None:
     if model.config.get_text_config().vocab_size == OFFICIAL_VOCAB_SIZE:
         extra = dict(eos_token_id=[IM_END_ID, ENDOFTEXT_ID], pad_token_id=ENDOFTEXT_ID)
     model.generation_config = recommended_generation_config(size, **extra)
+    model.recommended_sampling_size = size  # qwen35 chat switches the setting with the mode
 
 
 def _text_positions(position_ids, batch, length, past, device):

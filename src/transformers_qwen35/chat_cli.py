@@ -1,0 +1,312 @@
+"""``qwen35 chat``: a multi-turn chat in the terminal, streaming, with the reasoning shown dimmed (or hidden).
+
+    qwen35 chat --model Qwen/Qwen3.5-0.8B [--think | --no-think] [--hide-reasoning]
+    qwen35 chat --demo                      # the tiny random-weight demo checkpoint, offline
+
+Commands at the prompt: ``/think``, ``/no_think``, ``/reset``, ``/image PATH`` (attached to your next message),
+``/help``, ``/exit``. Ctrl-C while the model writes stops that answer, not the program; Ctrl-D or ``/exit`` ends the
+chat. Answers go to stdout, prompts and notices to stderr, as in ``qwen35 generate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
+
+from .chat_template import thinking_default_for
+from .cli import (
+    CliError,
+    check_checkpoint,
+    choose_device,
+    choose_dtype,
+    describe_load_error,
+    info,
+    load_tokenizer,
+    resolve_model_source,
+)
+from .demo import build_demo_checkpoint
+from .response_parsing import StreamingResponseParser
+from .sampling import PresencePenaltyLogitsProcessor, recommended_sampling
+
+HELP = """commands:
+  /think          think before answering (from the next message on)
+  /no_think       answer directly
+  /reset          forget the conversation
+  /image PATH     attach an image to your next message
+  /help           this list
+  /exit           leave (Ctrl-D does too); Ctrl-C stops an answer being written"""
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+class _Interrupt(StoppingCriteria):
+    """Ctrl-C during generation sets the flag; generation then stops cleanly at the next token."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.requested, dtype=torch.bool, device=input_ids.device)
+
+
+class _PrintingStreamer(BaseStreamer):
+    """Decodes the new tokens as they come and routes reasoning / answer / tool calls to the terminal."""
+
+    def __init__(self, tokenizer, parser: StreamingResponseParser, show_reasoning: bool, color: bool):
+        self.tokenizer, self.parser = tokenizer, parser
+        self.show_reasoning, self.color = show_reasoning, color
+        self.ids: list[int] = []
+        self.printed = 0
+        self.prompt_seen = False
+        self.reasoning, self.content, self.tool_calls = [], [], []
+        self._kind: str | None = None
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() hands the prompt over first
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.flatten().tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        if text.endswith("\ufffd"):
+            return  # half of a multi-byte character: wait for the rest
+        delta, self.printed = text[self.printed :], len(text)
+        self._show(self.parser.feed(delta))
+
+    def end(self):
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        self._show(self.parser.feed(text[self.printed :]))  # what was held back for a character never completed
+        self._show(self.parser.finish())
+        if self.color and self._kind == "reasoning":
+            print(RESET, end="")
+        print(flush=True)
+
+    def _show(self, events):
+        for kind, value in events:
+            if kind == "reasoning":
+                self.reasoning.append(value)
+                if self.show_reasoning:
+                    self._switch(kind)
+                    print(value, end="", flush=True)
+            elif kind == "content":
+                self.content.append(value)
+                self._switch(kind)
+                print(value, end="", flush=True)
+            else:
+                self.tool_calls.append(value)
+                self._switch(kind)
+                print(f"[tool call] {value['name']}({value['arguments']})", end="", flush=True)
+
+    def _switch(self, kind: str):
+        """Dim the reasoning, and put a line break between reasoning, answer and tool calls."""
+        if self._kind is not None and kind != self._kind:
+            if self.color and self._kind == "reasoning":
+                print(RESET, end="")
+            print("\n", end="")
+        if self.color and kind == "reasoning" and self._kind != "reasoning":
+            print(DIM, end="")
+        self._kind = kind
+
+
+class ChatSession:
+    """The conversation, the mode and the attached images; ``ask`` runs one turn."""
+
+    def __init__(self, model, tokenizer, processor, size, thinking: bool, args):
+        self.model, self.tokenizer, self.processor, self.size = model, tokenizer, processor, size
+        self.thinking, self.args = thinking, args
+        self.messages: list[dict] = []
+        self.images: list = []
+        self.color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+    def command(self, line: str) -> bool:
+        """Handle a ``/command``; False means leave."""
+        name, _, rest = line.partition(" ")
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/think" or name == "/no_think":
+            self.thinking = name == "/think"
+            info(f"thinking {'on' if self.thinking else 'off'} from the next message on")
+        elif name == "/reset":
+            self.messages.clear()
+            self.images.clear()
+            info("conversation cleared")
+        elif name == "/image":
+            self.attach(rest.strip())
+        elif name == "/help":
+            print(HELP, file=sys.stderr)
+        else:
+            info(f"unknown command {name}; /help lists them")
+        return True
+
+    def attach(self, path: str) -> None:
+        if self.processor is None:
+            info("this model was loaded without its vision tower; images are not available here")
+            return
+        if not path:
+            info("usage: /image PATH")
+            return
+        from .processing import _open_image
+
+        try:
+            image = _open_image(str(Path(path).expanduser()), len(self.images)).convert("RGB")
+        except ValueError as error:
+            info(f"error: {error}")
+            return
+        self.images.append(image)
+        info(f"image attached ({image.width}x{image.height}); it goes with your next message")
+
+    def ask(self, text: str) -> None:
+        content = [{"type": "image", "image": image} for image in self.images] + [{"type": "text", "text": text}]
+        self.messages.append({"role": "user", "content": content})
+        self.images = []
+        encoder = self.processor if self.processor is not None else self.tokenizer
+        inputs = encoder.apply_chat_template(
+            self.messages, add_generation_prompt=True, enable_thinking=self.thinking,
+            tokenize=True, return_dict=True, return_tensors="pt",
+        )  # fmt: skip
+        inputs = {key: value.to(self.model.device) for key, value in inputs.items() if hasattr(value, "to")}
+        settings, processors = self.settings(vision=any(part["type"] == "image" for part in content))
+        parser = StreamingResponseParser(thinking=self.thinking)
+        streamer = _PrintingStreamer(self.tokenizer, parser, not self.args.hide_reasoning, self.color)
+        interrupt = _Interrupt()
+        previous = signal.signal(signal.SIGINT, lambda *_: setattr(interrupt, "requested", True))
+        try:
+            with torch.inference_mode():
+                self.model.generate(
+                    **inputs, generation_config=settings, streamer=streamer,
+                    logits_processor=processors, stopping_criteria=[interrupt],
+                )  # fmt: skip
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if interrupt.requested:
+            info("stopped")
+        reply = {"role": "assistant", "content": "".join(streamer.content)}
+        if self.thinking:
+            reply["reasoning_content"] = "".join(streamer.reasoning)
+        self.messages.append(reply)
+
+    def settings(self, vision: bool):
+        """The checkpoint's generation config, or the card's setting for this size and mode; the flags win."""
+        settings = copy.deepcopy(self.model.generation_config)
+        processors = []
+        if getattr(self.model, "recommended_sampling_size", None) is not None:
+            card = recommended_sampling(self.size, self.thinking, vision)
+            penalty = card.pop("presence_penalty")
+            for key, value in card.items():
+                setattr(settings, key, value)
+            if penalty:
+                processors.append(PresencePenaltyLogitsProcessor(penalty))
+        settings.max_new_tokens, settings.max_length = self.args.max_new_tokens, None
+        if self.args.temperature is not None:
+            settings.do_sample = self.args.temperature > 0
+            settings.temperature = self.args.temperature if self.args.temperature > 0 else None
+        if self.args.top_p is not None:
+            settings.top_p = self.args.top_p
+        if not settings.do_sample:
+            settings.temperature = settings.top_p = settings.top_k = None
+        if settings.pad_token_id is None:
+            settings.pad_token_id = self.tokenizer.pad_token_id
+        return settings, processors
+
+
+def _load(source, dtype, device):
+    """The vision-language model and processor when the checkpoint has a vision tower, else the text model."""
+    with contextlib.suppress(Exception):
+        processor = AutoProcessor.from_pretrained(source.load_from, local_files_only=source.local_files_only)
+        model = AutoModelForImageTextToText.from_pretrained(
+            source.load_from, dtype=dtype, local_files_only=source.local_files_only
+        )
+        return model.to(device).eval(), processor.tokenizer, processor
+    tokenizer = load_tokenizer(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.load_from, dtype=dtype, local_files_only=source.local_files_only
+        )
+    except Exception as error:
+        raise CliError(describe_load_error("model", source, error)) from None
+    return model.to(device).eval(), tokenizer, None
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:
+        if args.demo:
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qwen35-demo-")))
+            build_demo_checkpoint(directory)
+            info("demo: a tiny checkpoint with RANDOM weights, so its answers are gibberish by design")
+            args.model = str(directory)
+        elif args.model is None:
+            raise CliError("say which model to chat with: --model PATH_OR_HUB_ID, or --demo for the offline demo.")
+        source = resolve_model_source(args.model)
+        check_checkpoint(source)
+        device = choose_device(args.device)
+        info(f"loading {source.name} on {device}")
+        model, tokenizer, processor = _load(source, choose_dtype(args.dtype, device), device)
+        from .presets import size_of
+
+        size = size_of(model.config)
+        thinking = args.think if args.think is not None else thinking_default_for(model.config)
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        session = ChatSession(model, tokenizer, processor, size, thinking, args)
+        info(f"thinking {'on' if thinking else 'off'}; /help lists the commands, /exit or Ctrl-D leaves")
+        return _loop(session)
+
+
+def _loop(session: ChatSession) -> int:
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        try:
+            line = input()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:  # at the prompt: drop the line, stay in the chat
+            print(file=sys.stderr)
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not session.command(line):
+                return 0
+            continue
+        try:
+            session.ask(line)
+        except CliError:
+            raise
+        except ValueError as error:  # bad input for this turn (an image, the context length): say so, go on
+            info(f"error: {error}")
+            session.messages.pop()
+
+
+def add_chat_parser(commands, generation_types) -> None:
+    positive_int, non_negative_float, probability = generation_types
+    chat = commands.add_parser(
+        "chat",
+        help="chat in the terminal (multi-turn, streaming, images with /image)",
+        description="Chat with a Qwen3.5 checkpoint in the terminal. " + HELP.replace("commands:", "Commands:"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = chat.add_argument
+    add("--model", default=None, metavar="PATH_OR_HUB_ID", help="a local checkpoint directory or a Hub id")
+    add("--demo", action="store_true", help="chat with the tiny random-weight demo checkpoint, offline")
+    add("--think", "--thinking", dest="think", action=argparse.BooleanOptionalAction, default=None,
+        help="start with thinking on or off (default: the model's: off for 0.8B/2B, on for 4B/9B)")  # fmt: skip
+    add("--hide-reasoning", action="store_true", help="do not print the reasoning, only the answers")
+    add("--max-new-tokens", type=positive_int, default=2048, metavar="N", help="longest answer (default: %(default)s)")
+    add("--temperature", type=non_negative_float, default=None, metavar="T", help="0 = greedy (default: the card's)")
+    add("--top-p", type=probability, default=None, metavar="P", help="nucleus mass (default: the card's)")
+    add("--seed", type=int, default=None, metavar="S", help="seed the sampler")
+    add("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="weights dtype (default: auto)")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: auto)")
+    add("--verbose", action="store_true", help="show transformers' progress bars and warnings")
+    add("--debug", action="store_true", help="on an error, show the full traceback")
+    chat.set_defaults(handler=run_chat)
