@@ -60,3 +60,16 @@ def test_checkpoint_without_generation_config_samples_as_recommended(tmp_path, m
     (tmp_path / "own" / "generation_config.json").write_text(json.dumps({"do_sample": False, "max_new_tokens": 7}))
     config = AutoModelForCausalLM.from_pretrained(tmp_path / "own").generation_config
     assert config.do_sample is False and config.max_new_tokens == 7  # the checkpoint's own settings win
+
+
+def test_apply_card_sets_the_mode_and_returns_the_presence_penalty():
+    from transformers import GenerationConfig
+
+    from transformers_qwen35.sampling import apply_card
+
+    settings = GenerationConfig(do_sample=False, max_new_tokens=5)
+    processors = apply_card(settings, "4B", thinking=False)
+    assert (settings.do_sample, settings.temperature, settings.top_p, settings.top_k) == (True, 0.7, 0.8, 20)
+    assert settings.max_new_tokens == 5  # only sampling knobs change
+    assert [type(p).__name__ for p in processors] == ["PresencePenaltyLogitsProcessor"] and processors[0].penalty == 1.5
+    assert apply_card(GenerationConfig(), "2B", thinking=True, vision=True) == []  # that card row has no penalty

@@ -36,7 +36,7 @@ from .cli import (
 )
 from .demo import build_demo_checkpoint
 from .response_parsing import StreamingResponseParser
-from .sampling import PresencePenaltyLogitsProcessor, recommended_sampling
+from .sampling import apply_card
 
 HELP = """commands:
   /think          think before answering (from the next message on)
@@ -119,8 +119,8 @@ class _PrintingStreamer(BaseStreamer):
 class ChatSession:
     """The conversation, the mode and the attached images; ``ask`` runs one turn."""
 
-    def __init__(self, model, tokenizer, processor, size, thinking: bool, args):
-        self.model, self.tokenizer, self.processor, self.size = model, tokenizer, processor, size
+    def __init__(self, model, tokenizer, processor, thinking: bool, args):
+        self.model, self.tokenizer, self.processor = model, tokenizer, processor
         self.thinking, self.args = thinking, args
         self.messages: list[dict] = []
         self.images: list = []
@@ -197,13 +197,9 @@ class ChatSession:
         """The checkpoint's generation config, or the card's setting for this size and mode; the flags win."""
         settings = copy.deepcopy(self.model.generation_config)
         processors = []
-        if getattr(self.model, "recommended_sampling_size", None) is not None:
-            card = recommended_sampling(self.size, self.thinking, vision)
-            penalty = card.pop("presence_penalty")
-            for key, value in card.items():
-                setattr(settings, key, value)
-            if penalty:
-                processors.append(PresencePenaltyLogitsProcessor(penalty))
+        size = getattr(self.model, "recommended_sampling_size", None)
+        if size is not None:  # no generation_config.json came with the checkpoint: the card's, for this mode
+            processors = apply_card(settings, size, self.thinking, vision)
         settings.max_new_tokens, settings.max_length = self.args.max_new_tokens, None
         if self.args.temperature is not None:
             settings.do_sample = self.args.temperature > 0
@@ -249,13 +245,10 @@ def run_chat(args: argparse.Namespace) -> int:
         device = choose_device(args.device)
         info(f"loading {source.name} on {device}")
         model, tokenizer, processor = _load(source, choose_dtype(args.dtype, device), device)
-        from .presets import size_of
-
-        size = size_of(model.config)
         thinking = args.think if args.think is not None else thinking_default_for(model.config)
         if args.seed is not None:
             torch.manual_seed(args.seed)
-        session = ChatSession(model, tokenizer, processor, size, thinking, args)
+        session = ChatSession(model, tokenizer, processor, thinking, args)
         info(f"thinking {'on' if thinking else 'off'}; /help lists the commands, /exit or Ctrl-D leaves")
         return _loop(session)
 

@@ -32,6 +32,7 @@ from transformers.utils import logging as transformers_logging
 
 from . import __version__
 from .demo import build_demo_checkpoint
+from .sampling import apply_card
 
 PROG = "qwen35"
 DEFAULT_MODEL = "Qwen/Qwen3.5-0.8B"
@@ -412,13 +413,18 @@ def run_generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(source)
     model = load_model(source, dtype, device)
     inputs = encode_prompt(tokenizer, model, build_prompt(tokenizer, args.prompt, not args.no_chat, args.thinking))
+    processors = []
+    size = getattr(model, "recommended_sampling_size", None)
+    if size is not None and args.thinking is not None and not args.no_chat:
+        # no generation_config.json came with the checkpoint: the card's setting for the mode asked for
+        processors = apply_card(model.generation_config, size, args.thinking)
     settings = generation_settings(model, tokenizer, args.max_new_tokens, args.temperature, args.top_p)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     try:
         with torch.inference_mode():
-            model.generate(**inputs, generation_config=settings, streamer=streamer)
+            model.generate(**inputs, generation_config=settings, streamer=streamer, logits_processor=processors)
     except (CliError, BrokenPipeError):
         raise  # main() knows these; a closed stdout is the reader's choice, not a generation failure
     except Exception as error:

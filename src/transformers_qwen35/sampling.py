@@ -79,3 +79,13 @@ class PresencePenaltyLogitsProcessor(LogitsProcessor):
             return scores
         seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, generated.to(scores.device), True)
         return scores - self.penalty * seen.to(scores.dtype)
+
+
+def apply_card(settings: GenerationConfig, size: str, thinking: bool, vision: bool = False) -> list[LogitsProcessor]:
+    """Set the card's sampling for this size and mode on ``settings`` (in place); return the logits processors
+    ``generate()`` needs besides it (the presence penalty, when the card asks for one)."""
+    card = recommended_sampling(size, thinking, vision)
+    penalty = card.pop("presence_penalty")
+    for key, value in card.items():
+        setattr(settings, key, value)
+    return [PresencePenaltyLogitsProcessor(penalty)] if penalty else []
