@@ -287,7 +287,7 @@ def test_video_file_through_the_chat_template_and_generate(processor, demo_dir, 
     assert torch.equal(inputs["mm_token_type_ids"], 2 * (inputs["input_ids"] == pad).long())
     text = processor.tokenizer.decode(inputs["input_ids"][0])
     assert re.findall(r"<([\d.]+) seconds>", text) == ["0.3", "1.6"]
-    assert text.endswith("What happens in the video?<|im_end|>\n<|im_start|>assistant\n")
+    assert text.endswith("What happens in the video?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
     model = AutoModelForImageTextToText.from_pretrained(demo_dir, dtype=torch.float32)
     assert type(model) is Qwen3_5ForConditionalGeneration
