@@ -7,6 +7,7 @@
 from .cache import Qwen3_5HybridCache
 from .chat_template import get_chat_template, thinking_default_for
 from .configuration import Qwen3_5Config, Qwen3_5TextConfig, Qwen3_5VisionConfig
+from .lora import check_lora_targets, lora_target_modules, register_peft_defaults
 from .modeling import Qwen3_5ForCausalLM, Qwen3_5PreTrainedModel, Qwen3_5TextModel
 from .multimodal import Qwen3_5ForConditionalGeneration, Qwen3_5Model
 from .processing import Qwen3_5Processor
@@ -39,6 +40,9 @@ __all__ = [
     "ThinkingBudgetProcessor",
     "parse_response",
     "StreamingResponseParser",
+    "lora_target_modules",
+    "register_peft_defaults",
+    "check_lora_targets",
     "register",
     "__version__",
 ]

@@ -18,6 +18,7 @@ from transformers.utils import logging
 
 from .chat_template import get_chat_template, thinking_default_for
 from .configuration import Qwen3_5Config, Qwen3_5TextConfig, Qwen3_5VisionConfig
+from .lora import register_peft_defaults
 from .modeling import Qwen3_5ForCausalLM, Qwen3_5TextModel
 from .multimodal import Qwen3_5ForConditionalGeneration, Qwen3_5Model
 from .processing import Qwen3_5Processor
@@ -153,6 +154,7 @@ def register() -> None:
     _route_official_processors()
     _give_templateless_tokenizers_our_template()
     _register_checkpoint_renaming()
+    register_peft_defaults()  # PEFT's default LoRA targets for qwen3_5 / qwen3_5_text (no-op without peft)
     if not _done:
         logger.info(
             "transformers_qwen35: model types qwen3_5 and qwen3_5_text now load this package's classes "
