@@ -15,6 +15,7 @@ from .registration import register
 from .response_parsing import StreamingResponseParser, parse_response
 from .sampling import PresencePenaltyLogitsProcessor, recommended_sampling
 from .thinking_budget import ThinkingBudgetProcessor
+from .training_data import PaddingCollator, load_chat_dataset, tokenize_chat
 from .vision import Qwen3_5VisionModel
 
 __version__ = "0.1.0"
@@ -43,6 +44,9 @@ __all__ = [
     "lora_target_modules",
     "register_peft_defaults",
     "check_lora_targets",
+    "tokenize_chat",
+    "load_chat_dataset",
+    "PaddingCollator",
     "register",
     "__version__",
 ]
