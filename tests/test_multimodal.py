@@ -240,3 +240,19 @@ def test_bfloat16_is_as_accurate_as_builtin():
         theirs = native.to(torch.bfloat16)(input_ids=input_ids, mm_token_type_ids=types, **inputs).logits
     assert mine.dtype == torch.bfloat16
     assert relative_error(mine.float(), reference) < 1.5 * relative_error(theirs.float(), reference)
+
+
+def test_activation_checkpointing_with_images_matches_plain_backward():
+    """The recomputed forward must not reuse a cache (it would see its own keys twice): same gradients as without."""
+    ours, _ = build_vl_pair(seed=6, attn_implementation="sdpa")
+    input_ids = torch.tensor([image_video_prompt()])
+    inputs = vision_inputs()
+    ours.train()
+    ours(input_ids=input_ids, labels=input_ids, **inputs).loss.backward()
+    plain = {name: p.grad.clone() for name, p in ours.named_parameters() if p.grad is not None}
+    ours.zero_grad(set_to_none=True)
+    ours.gradient_checkpointing_enable()
+    ours(input_ids=input_ids, labels=input_ids, use_cache=True, **inputs).loss.backward()
+    for name, parameter in ours.named_parameters():
+        if name in plain:
+            assert relative_error(parameter.grad, plain[name]) < 1e-5, name

@@ -467,6 +467,15 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    def resolve_use_cache(self, use_cache: bool | None) -> bool:
+        """Training keeps no cache unless asked; with activation checkpointing never: the recomputed forward would
+        append the same keys to it a second time."""
+        if use_cache is None:
+            use_cache = bool(self.config.use_cache) and not self.training
+        if use_cache and self.training and any(layer.gradient_checkpointing for layer in self.layers):
+            return False
+        return use_cache
+
     def forward(
         self,
         input_ids=None,
@@ -488,7 +497,7 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        use_cache = self.resolve_use_cache(use_cache)
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, Qwen3_5HybridCache):
             raise TypeError(

@@ -80,7 +80,7 @@ class Qwen3_5Model(Qwen3_5PreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         cache = cache if cache is not None else past_key_values
-        use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
+        use_cache = self.language_model.resolve_use_cache(use_cache)
         past = cache.get_seq_length() if cache is not None else 0
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         types = self._token_types(input_ids, mm_token_type_ids, batch, length)
