@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# The GPU check, in one script, for a machine without network (torch, triton, transformers, peft, accelerate
+# preinstalled; no fla). Run from anywhere; results go to $OUT (default ./out):
+#
+#   env.txt             versions, kernel availability, nvidia-smi
+#   install.txt         what was installed from .whl/ and how our package imported
+#   pytest.txt          tests/gpu (or a line saying there are none)
+#   compare_0.8B.txt    benchmarks/compare_native.py output (table + JSON line)
+#   compare_0.8B.json   full results (rewritten after every phase, so a cut-short run keeps what it measured)
+#
+# Wheels carried in .whl/ (git-ignored; the device tool must be told to carry ".whl"):
+#   .whl/*.whl                        always installed (--no-deps): fla-core
+#   .whl/if-missing/*.whl             installed only if the module is not importable: einops (fla-core's one need)
+#   .whl/transformers-fallback/*.whl  installed only if our package fails to import with the machine's
+#                                     transformers (our pyproject asks for >= 5.23; 5.17 is what the image has)
+#
+# The whole script stays under 6 minutes: every step runs under `timeout` with what is left of BUDGET_S.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+BUDGET_S="${BUDGET_S:-345}"
+BENCH_ARGS="${BENCH_ARGS:-}"
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+STARTED=$SECONDS
+
+# Seconds a step may take: at most $1, and no more than what is left of the budget (at least 5).
+allow() {
+    local left=$((BUDGET_S - (SECONDS - STARTED))) cap=$1
+    if ((left < cap)); then cap=$left; fi
+    if ((cap < 5)); then cap=5; fi
+    echo "$cap"
+}
+
+log() { echo "[device_check +$((SECONDS - STARTED))s] $*" | tee -a "$OUT/install.txt"; }
+
+pip_install() { # wheels...
+    timeout "$(allow 90)" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$@" \
+        >>"$OUT/install.txt" 2>&1
+}
+
+: >"$OUT/install.txt"
+
+# 1. Wheels carried from the development machine.
+shopt -s nullglob
+wheels=(.whl/*.whl)
+if ((${#wheels[@]})); then
+    log "installing ${wheels[*]}"
+    pip_install "${wheels[@]}" || log "WARNING: installing ${wheels[*]} failed (rc $?)"
+else
+    log "no wheels in .whl/ (fla-core will be missing: the built-in baseline then runs on its torch fallback)"
+fi
+for wheel in .whl/if-missing/*.whl; do
+    module=$(basename "$wheel" | cut -d- -f1 | tr '[:upper:]' '[:lower:]')
+    if "$PY" -c "import $module" 2>/dev/null; then
+        log "$module already importable: not installing $wheel"
+    else
+        log "installing $wheel"
+        pip_install "$wheel" || log "WARNING: installing $wheel failed (rc $?)"
+    fi
+done
+
+# 2. Our package, without dependencies (pyproject asks for transformers >= 5.23; the image has 5.17).
+log "installing transformers_qwen35 (editable, --no-deps)"
+if ! timeout "$(allow 120)" "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+    >>"$OUT/install.txt" 2>&1; then
+    log "WARNING: editable install failed; using PYTHONPATH=src instead"
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+regex_recent_enough() { # transformers 5.24 checks regex >= 2025.10.22 at import
+    "$PY" -c 'import importlib.metadata as m; from packaging.version import Version as V
+raise SystemExit(0 if V(m.version("regex")) >= V("2025.10.22") else 1)' 2>/dev/null
+}
+
+import_ours() {
+    timeout "$(allow 120)" "$PY" -c "import transformers, transformers_qwen35; print('imported transformers_qwen35 '
+        + transformers_qwen35.__version__ + ' with transformers ' + transformers.__version__)" >>"$OUT/install.txt" 2>&1
+}
+if [[ -z ${DEVICE_CHECK_FORCE_FALLBACK:-} ]] && import_ours; then # the variable exercises the fallback in a dry run
+    log "our package imports with the machine's transformers (see the line above)"
+else
+    log "our package does not import with the machine's transformers (traceback above, or DEVICE_CHECK_FORCE_FALLBACK set)"
+    fallback=(.whl/transformers-fallback/*.whl)
+    if ((${#fallback[@]})); then
+        # regex is only needed if the machine's is older than transformers 5.24 asks for.
+        keep=()
+        for wheel in "${fallback[@]}"; do
+            if [[ $(basename "$wheel") == regex-* ]] && regex_recent_enough; then
+                log "regex is recent enough: not installing $wheel"
+                continue
+            fi
+            keep+=("$wheel")
+        done
+        log "installing ${keep[*]}"
+        pip_install "${keep[@]}" || log "WARNING: installing the transformers fallback failed (rc $?)"
+        import_ours || {
+            log "FATAL: our package does not import even with the carried transformers"
+            exit 1
+        }
+        log "our package imports with the carried transformers"
+    else
+        log "FATAL: no .whl/transformers-fallback/*.whl to fall back on"
+        exit 1
+    fi
+fi
+
+# 3. Versions, kernels, GPU.
+log "writing $OUT/env.txt"
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "host: $(uname -a)"
+    timeout "$(allow 60)" "$PY" - <<'EOF' || echo "version probe failed (rc $?)"
+import importlib, importlib.metadata as m, platform, sys
+print("python", platform.python_version(), sys.executable)
+for dist in ("torch", "triton", "transformers", "fla-core", "einops", "huggingface-hub", "tokenizers", "safetensors",
+             "accelerate", "peft", "regex", "transformers-qwen35"):
+    try:
+        print(f"{dist} {m.version(dist)}")
+    except m.PackageNotFoundError:
+        print(f"{dist} (not installed)")
+import torch
+print("cuda available", torch.cuda.is_available(), "| torch.version.cuda", torch.version.cuda)
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+for module in ("fla.ops.gated_delta_rule", "fla.modules.causal_conv1d", "fla.modules.norm.fused_norm_gate"):
+    try:
+        importlib.import_module(module)
+        print(f"import {module}: ok")
+    except Exception as error:
+        print(f"import {module}: FAILED {type(error).__name__}: {error}")
+try:
+    from transformers.models.qwen3_5 import modeling_qwen3_5  # binds fla (or not) at import
+    sys.path.insert(0, "benchmarks")
+    from compare_native import builtin_kernel_paths
+    print("built-in transformers Gated DeltaNet kernels:", builtin_kernel_paths())
+except Exception as error:
+    print(f"built-in kernel probe failed: {type(error).__name__}: {error}")
+EOF
+    echo
+    command -v nvidia-smi >/dev/null && timeout 30 nvidia-smi || echo "nvidia-smi not available"
+} 2>&1 | tee "$OUT/env.txt"
+
+# 4. GPU tests (none yet: run tests/gpu when it exists).
+if [[ -d tests/gpu ]]; then
+    log "running pytest -q tests/gpu"
+    rc=0
+    timeout "$(allow 90)" "$PY" -m pytest -q -p no:cacheprovider tests/gpu >"$OUT/pytest.txt" 2>&1 || rc=$?
+    tail -n 15 "$OUT/pytest.txt"
+    log "pytest rc $rc"
+else
+    echo "tests/gpu does not exist: no GPU tests to run (skipped)" | tee "$OUT/pytest.txt"
+fi
+
+# 5. The benchmark: ours vs built-in transformers, 0.8B shape, bf16.
+log "running compare_native.py --device cuda --size 0.8B"
+rc=0
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of extra options
+timeout "$(allow 300)" "$PY" benchmarks/compare_native.py --device cuda --size 0.8B --what prefill,decode,train \
+    --json-out "$OUT/compare_0.8B.json" $BENCH_ARGS 2>&1 | tee "$OUT/compare_0.8B.txt" || rc=$?
+log "compare_native rc $rc (124: cut short by the time budget; the JSON keeps the finished phases)"
+log "done in $((SECONDS - STARTED)) s"
+exit "$rc"
