@@ -19,6 +19,11 @@ def causal_conv1d(x, weight, conv_state=None, position_in_segment=None):
     batch, length, dim = x.shape
     width = weight.shape[-1]
     inputs = x.transpose(1, 2)
+    if conv_state is None and position_in_segment is None:
+        # A fresh prompt: let the convolution pad on the left instead of concatenating zeros (one copy fewer).
+        out = F.conv1d(inputs, weight.unsqueeze(1), groups=dim, padding=width - 1)[..., :length]
+        new_state = inputs[..., -width:].contiguous() if length >= width else F.pad(inputs, (width - length, 0))
+        return F.silu(out).transpose(1, 2), new_state
     if conv_state is None:
         left = inputs.new_zeros(batch, dim, width - 1)
     else:
@@ -32,5 +37,8 @@ def causal_conv1d(x, weight, conv_state=None, position_in_segment=None):
             reach = width - 1 - k  # how many tokens back this tap looks
             keep = (position_in_segment >= reach).to(inputs.dtype)[:, None, :]
             out = out + weight[:, k, None] * padded[..., k : k + length] * keep
-    new_state = padded[..., -width:] if padded.shape[-1] >= width else F.pad(padded, (width - padded.shape[-1], 0))
+    # A copy, not a view: the cache must not keep the whole prompt's activations alive.
+    new_state = (
+        padded[..., -width:].contiguous() if padded.shape[-1] >= width else F.pad(padded, (width - padded.shape[-1], 0))
+    )
     return F.silu(out).transpose(1, 2), new_state
