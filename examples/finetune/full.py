@@ -51,7 +51,6 @@ def main(argv=None) -> int:
         print(f"data: {args.data}: {dataset.summary()}")
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        model.config.use_cache = False
         trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
         print(f"trainable params: {trainable:,} (all of them)")
 

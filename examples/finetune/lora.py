@@ -58,7 +58,6 @@ def main(argv=None) -> int:
         print(f"data: {args.data}: {dataset.summary()}")
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        model.config.use_cache = False  # no KV/state cache while training
         lora = LoraConfig(
             r=args.lora_rank,
             lora_alpha=2 * args.lora_rank,

@@ -61,7 +61,6 @@ def main(argv=None) -> int:
         print(f"data: {args.data}: {dataset.summary()}")
 
         model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
-        model.config.use_cache = False
         lora = LoraConfig(
             r=args.lora_rank,
             lora_alpha=2 * args.lora_rank,

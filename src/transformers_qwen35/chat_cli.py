@@ -30,6 +30,7 @@ from .cli import (
     choose_device,
     choose_dtype,
     describe_load_error,
+    generation_settings,
     info,
     load_tokenizer,
     resolve_model_source,
@@ -195,21 +196,14 @@ class ChatSession:
 
     def settings(self, vision: bool):
         """The checkpoint's generation config, or the card's setting for this size and mode; the flags win."""
-        settings = copy.deepcopy(self.model.generation_config)
-        processors = []
+        base, processors = copy.deepcopy(self.model.generation_config), []
         size = getattr(self.model, "recommended_sampling_size", None)
         if size is not None:  # no generation_config.json came with the checkpoint: the card's, for this mode
-            processors = apply_card(settings, size, self.thinking, vision)
-        settings.max_new_tokens, settings.max_length = self.args.max_new_tokens, None
-        if self.args.temperature is not None:
-            settings.do_sample = self.args.temperature > 0
-            settings.temperature = self.args.temperature if self.args.temperature > 0 else None
-        if self.args.top_p is not None:
-            settings.top_p = self.args.top_p
-        if not settings.do_sample:
-            settings.temperature = settings.top_p = settings.top_k = None
-        if settings.pad_token_id is None:
-            settings.pad_token_id = self.tokenizer.pad_token_id
+            processors = apply_card(base, size, self.thinking, vision)
+        args = self.args
+        settings = generation_settings(
+            self.model, self.tokenizer, args.max_new_tokens, args.temperature, args.top_p, base
+        )
         return settings, processors
 
 

@@ -276,3 +276,22 @@ def _nbytes(shape, dtype: str) -> int:
     for size in shape:
         count *= size
     return count * _DTYPE_BYTES.get(dtype, 2)
+
+
+def read_checkpoint_json(name_or_path, filename: str, kwargs: dict) -> dict:
+    """One JSON file of a checkpoint folder or Hub repo ({} when absent or unreachable), without loading anything."""
+    from transformers.utils import cached_file
+
+    hub = {
+        key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if key in kwargs
+    }
+    quiet = dict(
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        _raise_exceptions_for_gated_repo=False,
+    )
+    try:
+        path = cached_file(str(name_or_path), filename, **hub, **quiet)
+        return json.loads(Path(path).read_text()) if path else {}
+    except Exception:
+        return {}

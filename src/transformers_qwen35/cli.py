@@ -355,9 +355,11 @@ def encode_prompt(tokenizer, model, text: str):
     return {name: tensor.to(model.device) for name, tensor in inputs.items()}
 
 
-def generation_settings(model, tokenizer, max_new_tokens: int, temperature: float | None, top_p: float | None):
-    """The checkpoint's generation_config.json, overridden by what was given on the command line."""
-    settings = copy.deepcopy(model.generation_config)
+def generation_settings(
+    model, tokenizer, max_new_tokens: int, temperature: float | None, top_p: float | None, base=None
+):
+    """The checkpoint's generation_config.json (or ``base``), overridden by what was given on the command line."""
+    settings = copy.deepcopy(base if base is not None else model.generation_config)
     settings.max_new_tokens = max_new_tokens
     settings.max_length = None  # max_new_tokens is the one limit the user sets
     if top_p is not None:
@@ -413,12 +415,12 @@ def run_generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(source)
     model = load_model(source, dtype, device)
     inputs = encode_prompt(tokenizer, model, build_prompt(tokenizer, args.prompt, not args.no_chat, args.thinking))
-    processors = []
+    base, processors = copy.deepcopy(model.generation_config), []
     size = getattr(model, "recommended_sampling_size", None)
     if size is not None and args.thinking is not None and not args.no_chat:
         # no generation_config.json came with the checkpoint: the card's setting for the mode asked for
-        processors = apply_card(model.generation_config, size, args.thinking)
-    settings = generation_settings(model, tokenizer, args.max_new_tokens, args.temperature, args.top_p)
+        processors = apply_card(base, size, args.thinking)
+    settings = generation_settings(model, tokenizer, args.max_new_tokens, args.temperature, args.top_p, base)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

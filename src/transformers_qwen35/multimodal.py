@@ -51,8 +51,9 @@ class Qwen3_5Model(Qwen3_5PreTrainedModel):
         """One ``(t*h*w/4, hidden)`` tensor per video."""
         return self._vision_features(pixel_values_videos, video_grid_thw, "pixel_values_videos")
 
-    def _vision_features(self, pixels, grid_thw, what):
-        _check_pixels(pixels, grid_thw, self.config.vision_config, what)
+    def _vision_features(self, pixels, grid_thw, what, checked: bool = False):
+        if not checked:  # forward() checks all inputs up front, before any compute
+            _check_pixels(pixels, grid_thw, self.config.vision_config, what)
         features = self.visual(pixels.to(self.visual.dtype), grid_thw)
         sizes = (grid_thw.prod(-1) // self.config.vision_config.spatial_merge_size**2).tolist()
         return list(features.split(sizes))
@@ -93,7 +94,7 @@ class Qwen3_5Model(Qwen3_5PreTrainedModel):
             (pixel_values_videos, video_grid_thw, VIDEO, "pixel_values_videos"),
         ):
             if pixels is not None:
-                features = torch.cat(self._vision_features(pixels, grids, what))
+                features = torch.cat(self._vision_features(pixels, grids, what, checked=True))
                 slots = (types == modality).unsqueeze(-1).to(inputs_embeds.device)
                 inputs_embeds = inputs_embeds.masked_scatter(slots, features.to(inputs_embeds))
 

@@ -23,6 +23,7 @@ from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.utils import logging
 
 from .chat_template import get_chat_template, thinking_default_for
+from .checkpoint import read_checkpoint_json
 
 logger = logging.get_logger(__name__)
 
@@ -103,13 +104,13 @@ class Qwen3_5Processor(Qwen3VLProcessor):
         """Tokenizer, image and video processors from a checkpoint folder or Hub id, official values where absent."""
         hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        image_config = _read_json(pretrained_model_name_or_path, IMAGE_CONFIG_FILE, hub_kwargs)
-        video_config = _read_json(pretrained_model_name_or_path, VIDEO_CONFIG_FILE, hub_kwargs)
+        image_config = read_checkpoint_json(pretrained_model_name_or_path, IMAGE_CONFIG_FILE, hub_kwargs)
+        video_config = read_checkpoint_json(pretrained_model_name_or_path, VIDEO_CONFIG_FILE, hub_kwargs)
         image_processor = default_image_processor(**_processor_values(image_config, OFFICIAL_IMAGE_PROCESSOR))
         video_processor = default_video_processor(**_processor_values(video_config, OFFICIAL_VIDEO_PROCESSOR))
         chat_template = kwargs.get("chat_template") or tokenizer.chat_template
         if chat_template is None:  # a base model or a fine-tune without one: the Qwen3.5 format for its size
-            config = _read_json(pretrained_model_name_or_path, "config.json", hub_kwargs) or {}
+            config = read_checkpoint_json(pretrained_model_name_or_path, "config.json", hub_kwargs)
             chat_template = get_chat_template(thinking_default_for(config))
         return cls(image_processor, tokenizer, video_processor, chat_template=chat_template)
 
@@ -176,23 +177,8 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revi
 _NOT_SETTINGS = {"processor_class", "image_processor_type", "video_processor_type", "auto_map", "_processor_class"}
 
 
-def _read_json(name_or_path, filename, hub_kwargs) -> dict | None:
-    path = Path(name_or_path) / filename
-    if not path.is_file():
-        from transformers.utils import cached_file
-
-        resolved = cached_file(
-            str(name_or_path), filename, _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False, **{k: v for k, v in hub_kwargs.items() if k != "trust_remote_code"},
-        )  # fmt: skip
-        if resolved is None:
-            return None
-        path = Path(resolved)
-    return json.loads(path.read_text())
-
-
-def _processor_values(saved: dict | None, official: dict) -> dict:
-    if saved is None:
+def _processor_values(saved: dict, official: dict) -> dict:
+    if not saved:
         return {}
     values = {key: value for key, value in saved.items() if key not in _NOT_SETTINGS}
     # older files carry min_pixels / max_pixels beside size; size wins, as in transformers

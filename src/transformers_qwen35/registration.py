@@ -8,15 +8,14 @@ override on every transformers 5.x and makes ``register()`` idempotent.
 from __future__ import annotations
 
 import functools
-import json
 import os
-from pathlib import Path
 
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 from transformers.models.auto import modeling_auto
 from transformers.utils import logging
 
 from .chat_template import get_chat_template, thinking_default_for
+from .checkpoint import read_checkpoint_json
 from .configuration import Qwen3_5Config, Qwen3_5TextConfig, Qwen3_5VisionConfig
 from .lora import register_peft_defaults
 from .modeling import Qwen3_5ForCausalLM, Qwen3_5TextModel
@@ -61,25 +60,6 @@ def _register_checkpoint_renaming() -> None:
 PROCESSOR_ENV = "TRANSFORMERS_QWEN35_PROCESSOR"
 # Processor class names that mean "the standard Qwen3.5 processor" in a checkpoint's files.
 STANDARD_PROCESSOR_NAMES = (None, "Qwen3VLProcessor", "Qwen3_5Processor")
-
-
-def read_checkpoint_json(name_or_path, filename: str, kwargs: dict) -> dict:
-    """One JSON file of a checkpoint folder or Hub repo ({} when absent or unreachable), without loading anything."""
-    from transformers.utils import cached_file
-
-    hub = {
-        key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if key in kwargs
-    }
-    quiet = dict(
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-        _raise_exceptions_for_gated_repo=False,
-    )
-    try:
-        path = cached_file(str(name_or_path), filename, **hub, **quiet)
-        return json.loads(Path(path).read_text()) if path else {}
-    except Exception:
-        return {}
 
 
 def _named_processor_and_model_type(name_or_path, kwargs) -> tuple[str | None, str | None]:
