@@ -8,6 +8,13 @@ We own this class instead of configuring transformers' ``DynamicCache`` because 
 changed several times across 5.x; ``generate()`` only needs ``get_seq_length`` and ``reorder_cache`` from it.
 The linear state cannot be rolled back to an earlier position, so ``crop`` refuses (the model is ``_is_stateful``).
 
+Speculative decoding (``speculative.py``) needs what a plain cache cannot do: after a forward over several
+proposed tokens, keep the states as they were after only the first ``n`` of them, ``n`` differing per row. While
+``speculating`` is set, every Gated DeltaNet layer records its starting states and the inputs of its conv and
+recurrence (a few tokens' worth); ``keep_speculated`` then recomputes each row's states over its kept tokens only
+(a recurrence over at most those few tokens, never the model) and trims the attention layers' keys. Positions
+that a row did not keep but a longer row did stay in the attention cache as holes the caller masks out.
+
 The multimodal model also keeps each row's rope offset here (``rope_deltas``, ``(B, 1)``): after an image, a token's
 rotary position is its index plus that offset. Keeping it with the cache, not on the model, makes it follow beams
 and survive two generations that share a model.
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .configuration import FULL_ATTENTION
 
 
@@ -33,6 +41,8 @@ class Qwen3_5HybridCache:
         self.value_cache: list[torch.Tensor | None] = [None] * count
         self.seen_tokens = 0
         self.rope_deltas: torch.Tensor | None = None
+        self.speculating = False
+        self._linear_steps: dict[int, tuple] = {}
 
     def __len__(self) -> int:
         return len(self.layer_types)
@@ -78,6 +88,47 @@ class Qwen3_5HybridCache:
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._apply_per_row(lambda state: state[indices])
 
+    def record_linear_step(self, layer_idx, conv_state, recurrent_state, conv_input, q, k, v, g, beta) -> None:
+        """Called by a Gated DeltaNet layer during a speculative forward: its states before the forward and the
+        inputs of its conv ``(B, T, D)`` and recurrence (as given to ``kernels.gated_delta_rule``)."""
+        self._linear_steps[layer_idx] = (conv_state, recurrent_state, conv_input, q, k, v, g, beta)
+
+    def keep_speculated(self, kept: torch.Tensor) -> None:
+        """After a speculative forward of ``T`` tokens, keep only the first ``kept[b]`` (1..T) of them for row ``b``.
+
+        Gated DeltaNet states are recomputed from the recorded starting states: the recurrence runs again over the
+        ``T`` recorded tokens with the update of every dropped token switched off (``beta = 0`` and no decay leave
+        the state as it was), so one call serves rows that keep different counts. The conv state is the window of
+        its last ``K`` inputs ending at the last kept token. Attention keys are trimmed to the longest kept prefix.
+        """
+        if not self._linear_steps:
+            raise RuntimeError("keep_speculated() needs a forward run with cache.speculating = True first.")
+        length = next(iter(self._linear_steps.values()))[2].shape[1]
+        kept = kept.to(torch.long)
+        longest = int(kept.max())
+        if not bool((kept == length).all()):
+            for layer_idx, step in self._linear_steps.items():
+                self.conv_states[layer_idx], self.recurrent_states[layer_idx] = _states_after(step, kept)
+        drop = length - longest
+        if drop:
+            for layer_idx, keys in enumerate(self.key_cache):
+                if keys is not None:
+                    self.key_cache[layer_idx] = keys[:, :, : keys.shape[2] - drop]
+                    self.value_cache[layer_idx] = self.value_cache[layer_idx][:, :, : keys.shape[2] - drop]
+            self.seen_tokens -= drop
+        self._linear_steps.clear()
+
+    def trim_attention(self, length: int) -> None:
+        """Drop attention keys and values past ``length`` positions (no Gated DeltaNet layers may be present: their
+        states cannot be rolled back this way). The MTP head's own cache uses this to forget its draft steps."""
+        if not all(layer_type == FULL_ATTENTION for layer_type in self.layer_types):
+            raise ValueError("trim_attention() is for attention-only caches; use keep_speculated() on the model's.")
+        for layer_idx, keys in enumerate(self.key_cache):
+            if keys is not None:
+                self.key_cache[layer_idx] = keys[:, :, :length]
+                self.value_cache[layer_idx] = self.value_cache[layer_idx][:, :, :length]
+        self.seen_tokens = min(self.seen_tokens, length)
+
     def reset(self) -> None:
         for states in (self.conv_states, self.recurrent_states, self.key_cache, self.value_cache):
             states[:] = [None] * len(states)
@@ -92,3 +143,19 @@ class Qwen3_5HybridCache:
                 "The Qwen3.5 cache cannot be cropped: Gated DeltaNet states cannot be rolled back to an earlier "
                 "position. Re-run the prompt instead, or keep a copy of the cache (copy.deepcopy) at that position."
             )
+
+
+def _states_after(step: tuple, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Gated DeltaNet layer's (conv state, recurrent state) after the first ``kept[b]`` recorded tokens."""
+    conv_state, recurrent_state, conv_input, q, k, v, g, beta = step
+    length = conv_input.shape[1]
+    keep = torch.arange(length, device=kept.device)[None, :] < kept[:, None]  # (B, T)
+    keep = keep.to(g.device)[..., None]
+    _, recurrent = kernels.gated_delta_rule(
+        q, k, v, g * keep, beta * keep.to(beta.dtype), recurrent_state, output_final_state=True
+    )
+    width = conv_state.shape[-1]
+    window = torch.cat([conv_state, conv_input.transpose(1, 2).to(conv_state.dtype)], dim=-1)  # (B, D, K + T)
+    columns = (kept.to(window.device)[:, None] + torch.arange(width, device=window.device)[None, :])  # (B, K)
+    conv = window.gather(-1, columns[:, None, :].expand(-1, window.shape[1], -1))
+    return conv.contiguous(), recurrent

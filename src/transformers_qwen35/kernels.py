@@ -28,6 +28,7 @@ logger = logging.get_logger(__name__)
 KERNELS_ENV = "TRANSFORMERS_QWEN35_KERNELS"
 MODES = ("auto", "torch", "fla")
 _logged: set[str] = set()
+FEW_TOKENS = 8
 
 
 def kernel_mode() -> str:
@@ -129,7 +130,9 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_state=Fa
     fla = fla_kernels(v)
     decode = q.shape[1] == 1 and cu_seqlens is None
     if fla is None:
-        if decode:
+        # A few tokens without autograd (speculative verification): stepping beats padding them to a 64-token chunk.
+        few = cu_seqlens is None and q.shape[1] <= FEW_TOKENS and not torch.is_grad_enabled()
+        if decode or few:
             return torch_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state)
         return torch_chunk_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state, cu_seqlens)
     common = dict(initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)

@@ -18,6 +18,7 @@ Module attribute names are the checkpoint keys, so official weights load unchang
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -255,6 +256,7 @@ class Qwen3_5GatedDeltaNet(nn.Module):
             mixed, beta, g = (t.reshape(1, batch * length, *t.shape[2:]) for t in (mixed, beta, g))
             cu_seqlens = segments.cu_seqlens
             position_in_segment = segments.position_in_segment.reshape(1, -1)
+        conv_input = mixed
         mixed, new_conv_state = kernels.causal_conv1d(
             mixed,
             self.conv1d.weight.squeeze(1),
@@ -272,6 +274,9 @@ class Qwen3_5GatedDeltaNet(nn.Module):
         output, new_recurrent_state = kernels.gated_delta_rule(
             query, key, value, g, beta, recurrent_state, output_final_state=cache is not None, cu_seqlens=cu_seqlens
         )
+        if cache is not None and cache.speculating:
+            # Speculative verification: keep what it takes to stop the states after any prefix of these tokens.
+            cache.record_linear_step(self.layer_idx, conv_state, recurrent_state, conv_input, query, key, value, g, beta)
         if cache is not None:
             cache.conv_states[self.layer_idx] = new_conv_state
             cache.recurrent_states[self.layer_idx] = new_recurrent_state
@@ -281,9 +286,10 @@ class Qwen3_5GatedDeltaNet(nn.Module):
 
 
 class Qwen3_5DecoderLayer(GradientCheckpointingLayer):
-    def __init__(self, config: Qwen3_5TextConfig, layer_idx: int):
+    def __init__(self, config: Qwen3_5TextConfig, layer_idx: int, layer_type: str | None = None):
+        """``layer_type`` defaults to ``config.layer_types[layer_idx]``; the MTP head passes its own."""
         super().__init__()
-        self.layer_type = config.layer_types[layer_idx]
+        self.layer_type = layer_type or config.layer_types[layer_idx]
         if self.layer_type == LINEAR_ATTENTION:
             self.linear_attn = Qwen3_5GatedDeltaNet(config, layer_idx)
         else:
@@ -360,6 +366,22 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
                 "apply_chat_template(..., enable_thinking=...), or to pipeline('text-generation') as "
                 "tokenizer_encode_kwargs={'enable_thinking': ...} (pipeline('image-text-to-text') takes it directly)."
             )
+        draft_tokens = kwargs.pop("mtp_draft_tokens", 0)
+        if draft_tokens:
+            # Self-speculative decoding with the checkpoint's MTP head; transformers prepares, speculative.py decodes.
+            from . import speculative
+
+            speculative.check_request(self, draft_tokens, kwargs)
+            if kwargs.get("custom_generate") is not None:
+                raise ValueError("mtp_draft_tokens cannot be combined with custom_generate.")
+            # transformers hands a custom_generate callable neither the streamer nor synced_gpus: bind them here.
+            decode = functools.partial(
+                speculative.mtp_generate,
+                draft_tokens=draft_tokens,
+                streamer=kwargs.pop("streamer", None),
+                synced_gpus=kwargs.pop("synced_gpus", None),
+            )
+            return super().generate(*args, custom_generate=decode, **kwargs)
         return super().generate(*args, **kwargs)
 
     def _head_output(self, outputs, labels, logits_to_keep, vocab_size, kwargs) -> CausalLMOutputWithPast:

@@ -1,0 +1,400 @@
+"""Self-speculative decoding with the checkpoint's own MTP head: ``model.generate(..., mtp_draft_tokens=K)``.
+
+One round, per batch row, with ``x`` the last token chosen but not yet run through the main model:
+
+1. the MTP head drafts ``d_1..d_K`` (its first draft comes from the previous round's verification, for free);
+2. one forward of the main model over ``[x, d_1, ..., d_K]`` gives its own distribution after each of them;
+3. drafts are accepted left to right while they agree with the main model (greedy: same argmax; sampling: the
+   standard speculative-sampling test, accept ``d_j`` with probability ``min(1, p(d_j) / q(d_j))`` and on rejection
+   draw from ``max(0, p - q)``, which leaves the output distribution exactly the main model's);
+4. the accepted drafts and one token of the main model's own are kept: 1 to K + 1 tokens per main-model pass.
+
+Rows accept different counts, so each row keeps its own position counter. Gated DeltaNet states are stopped after
+each row's kept tokens by ``Qwen3_5HybridCache.keep_speculated`` (a short recurrence over the recorded inputs; the
+model is never run again); attention keys a row did not keep stay behind as masked holes. Logits processors and
+stopping criteria see, for every scored position, exactly the ``input_ids`` plain decoding would have shown them.
+
+Greedy output equals ``mtp_draft_tokens=0`` (plain ``generate()``) token for token, up to floating-point ties: the
+main model scores drafted tokens in one multi-token forward instead of one token at a time.
+
+This is a ``custom_generate`` for transformers' ``generate()``: transformers prepares the generation config, inputs,
+logits processors and stopping criteria; this module runs the decoding loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers.generation import (
+    EosTokenCriteria,
+    GenerateDecoderOnlyOutput,
+    MaxLengthCriteria,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .cache import Qwen3_5HybridCache
+from .modeling import CACHE_FIELD, _attention_mask
+from .mtp import mtp_head
+
+# Processors that ignore input_ids: these may score every drafted position in one call.
+POSITION_FREE_PROCESSORS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
+UNSUPPORTED_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
+
+
+@dataclasses.dataclass
+class MTPStats:
+    """What the last ``generate(..., mtp_draft_tokens=K)`` did, summed over rows (``model.mtp_stats``)."""
+
+    draft_tokens: int
+    rounds: int = 0  # main-model passes after the prefill
+    drafted: int = 0  # drafts scored by the main model (rows still generating x K per round)
+    accepted: int = 0  # of which accepted
+    emitted: int = 0  # tokens kept after the prefill's first, accepted drafts plus the main model's own
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens kept per row per main-model pass (1.0 = plain decoding, at most K + 1)."""
+        row_rounds = self.drafted / self.draft_tokens if self.draft_tokens else 0
+        return self.emitted / row_rounds if row_rounds else 0.0
+
+
+def check_request(model, draft_tokens, kwargs: dict) -> None:
+    """Refuse, before any compute, what the speculative loop cannot do."""
+    if not isinstance(draft_tokens, int) or isinstance(draft_tokens, bool) or draft_tokens < 0:
+        raise ValueError(f"mtp_draft_tokens must be a non-negative integer (0 = plain decoding), got {draft_tokens!r}.")
+    config = kwargs.get("generation_config") or model.generation_config
+
+    def setting(key, default=None):
+        return kwargs[key] if key in kwargs else getattr(config, key, default)
+
+    if (setting("num_beams") or 1) > 1:
+        raise ValueError("mtp_draft_tokens cannot be combined with beam search (num_beams > 1): use one or the other.")
+    if kwargs.get("assistant_model") is not None or setting("prompt_lookup_num_tokens"):
+        raise ValueError("mtp_draft_tokens is speculative decoding already: drop assistant_model / prompt lookup.")
+    for key in UNSUPPORTED_OUTPUTS:
+        if setting(key, False):
+            raise ValueError(
+                f"{key}=True is not available with mtp_draft_tokens (tokens are scored several at a time); generate "
+                "with mtp_draft_tokens=0 for per-step outputs."
+            )
+    cache = kwargs.get(CACHE_FIELD, kwargs.get("past_key_values"))
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError(
+            "mtp_draft_tokens starts from a fresh prompt: continuing a cache is not supported. Pass the whole "
+            "conversation as input_ids instead."
+        )
+    mtp_head(model)  # a missing head is reported now, not after the prefill
+
+
+def mtp_generate(
+    model,
+    input_ids,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus=False,
+    streamer=None,
+    *,
+    draft_tokens: int,
+    **model_kwargs,
+):
+    """The decoding loop (called by ``generate()`` with its prepared arguments; see the module docstring)."""
+    if synced_gpus:
+        raise ValueError("mtp_draft_tokens does not support synced_gpus (DeepSpeed ZeRO-3 / FSDP generation).")
+    if streamer is not None:
+        streamer.put(input_ids.cpu())  # the prompt first, as plain generate() does
+    run = _Run(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, draft_tokens)
+    run.prefill(model_kwargs)
+    while run.unfinished.any():
+        run.round()
+    if streamer is not None:
+        streamer.end()
+    model.mtp_stats = run.stats
+    sequences = run.sequences()
+    if generation_config.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(sequences=sequences, **{CACHE_FIELD: run.cache})
+    return sequences
+
+
+class _Run:
+    """State of one speculative ``generate()`` call."""
+
+    def __init__(self, model, input_ids, processors, criteria, generation_config, streamer, draft_tokens):
+        self.model, self.K, self.streamer = model, draft_tokens, streamer
+        self.head = mtp_head(model)
+        self.text_model = model.model.language_model if hasattr(model.model, "language_model") else model.model
+        self.processors, self.criteria = processors, criteria
+        self.greedy = not generation_config.do_sample
+        self.prompt = input_ids
+        batch, self.prompt_length = input_ids.shape
+        self.device = input_ids.device
+        pad = generation_config._pad_token_tensor
+        self.pad_id = int(pad) if pad is not None else 0
+        budget = generation_config.max_length - self.prompt_length
+        self.max_new = max(budget, 0)
+        # generated[b, :count[b]] are row b's new tokens; the rest is padding. Room for one round's overshoot.
+        self.generated = torch.full((batch, self.max_new + self.K + 1), self.pad_id, dtype=torch.long, device=self.device)
+        self.count = torch.zeros(batch, dtype=torch.long, device=self.device)
+        # As transformers does: a row some criterion stopped is padded from then on if an end-of-sequence criterion
+        # is present, else it goes on generating until the last row stops, and every row ends at that length.
+        self.stopped = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        self.stop_count = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.pad_finished = any(hasattr(c, "eos_token_id") for c in criteria)
+        self.limit = self.max_new
+        self.unfinished = self._generating()
+        self.stats = MTPStats(draft_tokens=self.K)
+        self._fast_criteria = all(isinstance(c, (EosTokenCriteria, MaxLengthCriteria)) for c in criteria)
+        eos = [c.eos_token_id for c in criteria if isinstance(c, EosTokenCriteria)]
+        self.eos = torch.cat([e.reshape(-1) for e in eos]).to(self.device) if eos else None
+
+    # --- model passes ---------------------------------------------------------------------------------------------
+
+    def prefill(self, model_kwargs: dict) -> None:
+        model, batch = self.model, self.prompt.shape[0]
+        mask = model_kwargs.get("attention_mask")
+        valid = mask.bool() if mask is not None else torch.ones_like(self.prompt, dtype=torch.bool)
+        self.cache = Qwen3_5HybridCache(self.text_model.config)
+        self.key_valid = valid.clone()  # main model's attention keys: (B, cached positions)
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        extra = {key: value for key, value in model_kwargs.items() if key in _VISION_KWARGS and value is not None}
+        if extra:
+            # The multimodal model works out image positions itself; take its rope rows for the MTP head.
+            inner = model.model
+            types = inner._token_types(self.prompt, extra.get("mm_token_type_ids"), batch, self.prompt_length)
+            grids = extra.get("image_grid_thw"), extra.get("video_grid_thw")
+            full = inner._positions(None, types, mask, self.cache, 0, *grids, self.device)
+            rope = full[1:]
+            outputs = inner(input_ids=self.prompt, attention_mask=mask, position_ids=full, cache=self.cache,
+                            use_cache=True, **extra)  # fmt: skip
+        else:
+            rope = positions.unsqueeze(0).expand(3, -1, -1)
+            outputs = model.model(
+                input_ids=self.prompt, attention_mask=mask, position_ids=positions, cache=self.cache, use_cache=True
+            )
+        hidden = outputs.last_hidden_state
+        self.position = valid.sum(-1)  # position of the next token each row will run through the main model
+        logits = model.lm_head(hidden[:, -1:]).float()[:, 0]
+        scores = self._score(logits[:, None], drafts=None)[:, 0]
+        first = self._choose(scores)
+        self._commit(first[:, None], torch.ones_like(self.count))
+        self.last = first
+
+        # The MTP head reads pairs (H[t], token[t + 1]): the prompt shifted by one, then the token just chosen.
+        self.mtp_cache = self.head.new_cache()
+        self.mtp_valid = valid.clone()
+        following = torch.cat([self.prompt[:, 1:], first[:, None]], dim=1)
+        out = self._mtp(hidden, following, rope, self.mtp_valid)
+        self.mtp_out = out[:, -1:]
+
+    def _mtp(self, hidden, tokens, rope, key_valid):
+        """Run the MTP head over new slots; ``key_valid`` covers every slot of its cache including these."""
+        past = self.mtp_cache.get_seq_length()
+        length = tokens.shape[1]
+        embeddings = self.model.get_input_embeddings()(tokens)
+        cos_sin = self.text_model.rotary_emb(hidden, rope)
+        implementation = self.text_model.config._attn_implementation or "eager"
+        mask = _attention_mask(
+            None if bool(key_valid.all()) else key_valid, None, hidden.shape[0], length, past, hidden.device,
+            needs_causal_mask=implementation == "eager",
+        )  # fmt: skip
+        return self.head(hidden, embeddings, cos_sin, mask, self.mtp_cache)
+
+    def _rope(self, positions):
+        """Rotary rows ``(3, B, T)`` for text positions ``(B, T)`` after the prompt (the row's image offset added)."""
+        deltas = self.cache.rope_deltas
+        rope = positions if deltas is None else positions + deltas.to(positions.device)
+        return rope.unsqueeze(0).expand(3, -1, -1)
+
+    def round(self) -> None:
+        K, batch = self.K, self.prompt.shape[0]
+        steps = torch.arange(K + 1, device=self.device)
+        drafts, draft_scores = self.draft()
+
+        # Verification: one main-model pass over [last, d_1..d_K].
+        block = torch.cat([self.last[:, None], drafts], 1)
+        positions = self.position[:, None] + steps
+        key_valid = torch.cat([self.key_valid, torch.ones(batch, K + 1, dtype=torch.bool, device=self.device)], 1)
+        self.cache.speculating = True
+        try:
+            hidden = self.model.model(
+                input_ids=block,
+                attention_mask=None if bool(key_valid.all()) else key_valid,
+                position_ids=positions,
+                cache=self.cache,
+                use_cache=True,
+            ).last_hidden_state
+        finally:
+            self.cache.speculating = False
+        logits = self.model.lm_head(hidden).float()  # (B, K + 1, V)
+        target_scores = self._score(logits, drafts=drafts)
+
+        accepted, bonus = self._accept(drafts, draft_scores, target_scores)
+        kept = accepted + 1  # tokens of the block the main model's state keeps: last, d_1..d_accepted
+        new_tokens = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, accepted[:, None], bonus[:, None])
+        live = self.unfinished.clone()
+        self.stats.rounds += 1
+        self.stats.drafted += int(live.sum()) * K
+        self.stats.accepted += int(accepted[live].sum())
+        emitted = self._commit(new_tokens, kept)
+        self.stats.emitted += int(emitted[live].sum())
+
+        # States after each row's kept tokens; dropped positions become holes in the attention caches.
+        self.cache.keep_speculated(kept)
+        longest = int(kept.max())
+        self.key_valid = torch.cat([self.key_valid, steps[None, :longest] < kept[:, None]], 1)
+        # The MTP head takes (H[t], token[t + 1]) for the kept positions: the next draft comes from the last one.
+        self.mtp_valid = torch.cat([self.mtp_valid, steps[None, :] < kept[:, None]], 1)
+        out = self._mtp(hidden, new_tokens, self._rope(positions), self.mtp_valid)
+        self.mtp_out = out.gather(1, accepted[:, None, None].expand(-1, 1, out.shape[-1]))
+        self.mtp_cache.trim_attention(self.mtp_cache.get_seq_length() - (K + 1 - longest))
+        self.mtp_valid = self.mtp_valid[:, : self.mtp_valid.shape[1] - (K + 1 - longest)]
+        self.position = self.position + kept
+        self.last = bonus
+
+    def draft(self):
+        """``K`` drafts ``(B, K)`` and the scores they were chosen from ``(B, K, V)``. The first comes from the MTP
+        output of the last round; each further one feeds the head its own output and the previous draft, one
+        position on. Those extra slots of the head's cache are forgotten afterwards."""
+        batch = self.prompt.shape[0]
+        mtp_length = self.mtp_cache.get_seq_length()
+        drafts, draft_scores = [], []
+        out = self.mtp_out
+        for j in range(self.K):
+            logits = self.model.lm_head(out).float()[:, 0]
+            scores = self._score(logits[:, None], drafts=torch.stack(drafts, 1) if drafts else None, offset=j)[:, 0]
+            token = self._choose(scores)
+            drafts.append(token)
+            draft_scores.append(scores)
+            if j + 1 < self.K:
+                position = (self.position + j)[:, None]
+                valid = torch.cat([self.mtp_valid, torch.ones(batch, j + 1, dtype=torch.bool, device=self.device)], 1)
+                out = self._mtp(out, token[:, None], self._rope(position), valid)
+        self.mtp_cache.trim_attention(mtp_length)
+        return torch.stack(drafts, 1), torch.stack(draft_scores, 1)
+
+    # --- scoring, choosing, accepting -----------------------------------------------------------------------------
+
+    def _score(self, logits, drafts, offset: int | None = None):
+        """Logits processors on ``logits`` ``(B, T, V)``; position ``t`` follows the committed tokens and
+        ``drafts[:, :t]`` (or ``drafts[:, :offset]`` for a single position). Returns fp32 scores ``(B, T, V)``."""
+        if not self.processors:
+            return logits
+        batch, length, vocab = logits.shape
+        if all(isinstance(p, POSITION_FREE_PROCESSORS) for p in self.processors):
+            ids = self.prompt.repeat_interleave(length, 0)
+            return self.processors(ids, logits.reshape(-1, vocab)).reshape(batch, length, vocab)
+        scores = torch.empty_like(logits)
+        for t in range(length):
+            for rows, ids in self._contexts(drafts, offset if offset is not None else t):
+                scores[rows, t] = self.processors(ids, logits[:, t])[rows]
+        return scores
+
+    def _contexts(self, drafts, extra: int):
+        """The ``input_ids`` plain decoding would show after ``extra`` drafts, as ``[(rows, ids (B, L))]``: rows
+        that have generated the same count share one whole-batch tensor (whole-batch because processors may keep
+        per-row state, e.g. the prompt padding of the repetition penalty); other rows' entries are filler."""
+        groups = []
+        for count in self.count.unique().tolist():
+            rows = (self.count == count).nonzero().squeeze(1)
+            pieces = [self.prompt, self.generated[:, :count]]
+            if extra:
+                pieces.append(drafts[:, :extra])
+            groups.append((rows, torch.cat(pieces, 1)))
+        return groups
+
+    def _choose(self, scores):
+        if self.greedy:
+            return scores.argmax(-1)
+        return torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+
+    def _accept(self, drafts, draft_scores, target_scores):
+        """Number of drafts accepted per row ``(B,)`` and the main model's own next token ``(B,)``."""
+        K = self.K
+        rows = torch.arange(drafts.shape[0], device=self.device)
+        if self.greedy:
+            choice = target_scores.argmax(-1)  # (B, K + 1)
+            agree = (choice[:, :K] == drafts).long()
+            accepted = agree.cumprod(1).sum(1)
+            return accepted, choice[rows, accepted]
+        p = target_scores.softmax(-1)  # (B, K + 1, V)
+        q = draft_scores.softmax(-1)  # (B, K, V)
+        p_draft = p[:, :K].gather(-1, drafts[..., None]).squeeze(-1)
+        q_draft = q.gather(-1, drafts[..., None]).squeeze(-1)
+        # Accept with probability min(1, p/q); q > 0 for a token sampled from q.
+        agree = (torch.rand_like(p_draft) * q_draft <= p_draft).long()
+        accepted = agree.cumprod(1).sum(1)
+        p_next = p[rows, accepted]
+        q_next = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows, accepted]  # no draft after the last: q = 0
+        residual = (p_next - q_next).clamp(min=0)
+        # p == q leaves nothing: such a draft is never rejected, but guard against rounding.
+        empty = residual.sum(-1, keepdim=True) <= 0
+        residual = torch.where(empty, p_next, residual)
+        return accepted, torch.multinomial(residual / residual.sum(-1, keepdim=True), 1).squeeze(1)
+
+    # --- committing -----------------------------------------------------------------------------------------------
+
+    def _generating(self):
+        rows = self.count < self.limit
+        return rows & ~self.stopped if self.pad_finished else rows
+
+    def _commit(self, tokens, kept):
+        """Append each generating row's first ``kept[b]`` of ``tokens`` (B, T), checking the stopping criteria after
+        every token as plain decoding does. Returns how many tokens each row took."""
+        batch, length = tokens.shape
+        taken = torch.zeros(batch, dtype=torch.long, device=self.device)
+        stream = []
+        for t in range(length):
+            take = self._generating() & (t < kept)
+            if not bool(take.any()):
+                break
+            rows = take.nonzero().squeeze(1)
+            self.generated[rows, self.count[rows]] = tokens[rows, t]
+            self.count[rows] += 1
+            taken[rows] += 1
+            stream.append(torch.where(take, tokens[:, t], torch.full_like(tokens[:, t], self.pad_id)))
+            fresh = rows[~self.stopped[rows]]
+            if fresh.numel():
+                fired = fresh[self._stopped(fresh)]
+                self.stopped[fired] = True
+                self.stop_count[fired] = self.count[fired]
+                if bool(self.stopped.all()):
+                    self.limit = min(self.limit, int(self.stop_count.max()))
+        self.unfinished = self._generating()
+        if self.streamer is not None:
+            for step in stream:
+                self.streamer.put(step.cpu())
+        return taken
+
+    def _stopped(self, rows):
+        """Whether the stopping criteria fire for ``rows`` right after their latest token."""
+        if self._fast_criteria:
+            last = self.generated[rows, self.count[rows] - 1]
+            stop = torch.zeros_like(last, dtype=torch.bool)
+            if self.eos is not None:
+                stop |= torch.isin(last, self.eos)
+            return stop
+        fired = torch.zeros(self.count.shape[0], dtype=torch.bool, device=self.device)
+        for group, ids in self._contexts(None, 0):
+            fired[group] = self.criteria(ids, None).to(self.device)[group]
+        return fired[rows]
+
+    def sequences(self):
+        longest = min(int(self.count.max()), self.limit) if self.count.numel() else 0
+        return torch.cat([self.prompt, self.generated[:, :longest]], 1)
+
+
+_VISION_KWARGS = (
+    "pixel_values",
+    "pixel_values_videos",
+    "image_grid_thw",
+    "video_grid_thw",
+    "mm_token_type_ids",
+)
