@@ -165,3 +165,76 @@ def random_pixels(grid_thw: list[list[int]], seed: int = 0) -> torch.Tensor:
     patches = sum(t * h * w for t, h, w in grid_thw)
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(patches, 3 * 2 * 16 * 16, generator=generator)
+
+
+def install_fake_fla(monkeypatch, impl):
+    """Put a fake `fla` package in sys.modules whose kernels call `impl` (a dict of callables)."""
+    import sys
+    import types
+
+    from transformers_qwen35 import kernels
+
+    kernels._load_fla.cache_clear()
+    modules = {
+        "fla": types.ModuleType("fla"),
+        "fla.ops": types.ModuleType("fla.ops"),
+        "fla.ops.gated_delta_rule": types.ModuleType("fla.ops.gated_delta_rule"),
+        "fla.modules": types.ModuleType("fla.modules"),
+        "fla.modules.causal_conv1d": types.ModuleType("fla.modules.causal_conv1d"),
+        "fla.modules.norm": types.ModuleType("fla.modules.norm"),
+        "fla.modules.norm.fused_norm_gate": types.ModuleType("fla.modules.norm.fused_norm_gate"),
+    }
+    modules["fla.ops.gated_delta_rule"].chunk_gated_delta_rule = impl["chunk"]
+    modules["fla.ops.gated_delta_rule"].fused_recurrent_gated_delta_rule = impl["recurrent"]
+    modules["fla.modules.causal_conv1d"].causal_conv1d = impl["conv"]
+    modules["fla.modules.causal_conv1d"].causal_conv1d_update = impl["conv_update"]
+    modules["fla.modules.norm.fused_norm_gate"].rms_norm_gated = impl["norm"]
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(kernels, "_logged", set())
+
+
+def install_exact_fake_fla(monkeypatch) -> list[tuple]:
+    """A fake fla built on our exact PyTorch ops that checks each call's layout and arguments against fla-core 0.6's
+    signatures; returns the list it appends ``(kernel, tokens, packed)`` to on every call."""
+    from transformers_qwen35 import kernels
+    from transformers_qwen35.ops.causal_conv import causal_conv1d
+    from transformers_qwen35.ops.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+
+    calls = []
+
+    def chunk(q, k, v, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False,
+              cu_seqlens=None):  # fmt: skip
+        assert use_qk_l2norm_in_kernel and g.dtype == torch.float32
+        assert cu_seqlens is None or q.shape[0] == 1
+        calls.append(("chunk", q.shape[1], cu_seqlens is not None))
+        return chunk_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state, cu_seqlens)
+
+    def recurrent(q, k, v, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False):
+        assert use_qk_l2norm_in_kernel and not torch.is_grad_enabled()  # fla's fused recurrent has no backward
+        calls.append(("recurrent", q.shape[1], False))
+        return recurrent_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state)
+
+    def conv(x, weight, initial_state=None, output_final_state=False, activation=None, cu_seqlens=None):
+        assert activation == "silu" and x.dim() == 3 and weight.dim() == 2
+        position = None
+        if cu_seqlens is not None:
+            starts = torch.zeros(x.shape[1], dtype=torch.bool)
+            starts[cu_seqlens[:-1].long()] = True
+            ids = starts.long().cumsum(0) - 1
+            position = (torch.arange(x.shape[1]) - cu_seqlens[ids].long())[None]
+        calls.append(("conv", x.shape[1], cu_seqlens is not None))
+        y, state = causal_conv1d(x, weight, initial_state, position)
+        return y, (state if output_final_state else None)
+
+    def conv_update(x, cache, weight=None, activation=None):
+        y, state = causal_conv1d(x, weight, cache)
+        cache.copy_(state)
+        return y, cache
+
+    def norm(x, gate, weight, bias, activation="swish", eps=1e-5):
+        assert activation == "silu" and eps == 1e-6
+        return kernels.torch_gated_rms_norm(x, gate, weight, eps)
+
+    install_fake_fla(monkeypatch, dict(chunk=chunk, recurrent=recurrent, conv=conv, conv_update=conv_update, norm=norm))
+    return calls

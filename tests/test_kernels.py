@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import inspect
 import sys
-import types
 
 import pytest
 import torch
-from conftest import build_pair, relative_error
+from conftest import build_pair, install_exact_fake_fla, install_fake_fla, relative_error
 from transformers.models.qwen3_5 import modeling_qwen3_5
 
 from transformers_qwen35 import kernels
@@ -84,35 +83,13 @@ def test_mode_knob(monkeypatch):
     assert kernels.fla_kernels(tensor) is None  # CPU tensors never go to fla
 
 
-def _install_fake_fla(monkeypatch, impl):
-    """Put a fake `fla` package in sys.modules whose kernels call `impl` (a dict of callables)."""
-    kernels._load_fla.cache_clear()
-    modules = {
-        "fla": types.ModuleType("fla"),
-        "fla.ops": types.ModuleType("fla.ops"),
-        "fla.ops.gated_delta_rule": types.ModuleType("fla.ops.gated_delta_rule"),
-        "fla.modules": types.ModuleType("fla.modules"),
-        "fla.modules.causal_conv1d": types.ModuleType("fla.modules.causal_conv1d"),
-        "fla.modules.norm": types.ModuleType("fla.modules.norm"),
-        "fla.modules.norm.fused_norm_gate": types.ModuleType("fla.modules.norm.fused_norm_gate"),
-    }
-    modules["fla.ops.gated_delta_rule"].chunk_gated_delta_rule = impl["chunk"]
-    modules["fla.ops.gated_delta_rule"].fused_recurrent_gated_delta_rule = impl["recurrent"]
-    modules["fla.modules.causal_conv1d"].causal_conv1d = impl["conv"]
-    modules["fla.modules.causal_conv1d"].causal_conv1d_update = impl["conv_update"]
-    modules["fla.modules.norm.fused_norm_gate"].rms_norm_gated = impl["norm"]
-    for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(kernels, "_logged", set())
-
-
 def test_importable_but_broken_fla_never_runs_on_cpu(monkeypatch):
     """The triton-on-a-CPU-machine trap: fla imports, every kernel raises. Auto mode must not touch it."""
 
     def broken(*args, **kwargs):
         raise RuntimeError("0 active drivers ([]). There should only be one.")
 
-    _install_fake_fla(monkeypatch, dict.fromkeys(["chunk", "recurrent", "conv", "conv_update", "norm"], broken))
+    install_fake_fla(monkeypatch, dict.fromkeys(["chunk", "recurrent", "conv", "conv_update", "norm"], broken))
     monkeypatch.setenv(kernels.KERNELS_ENV, "auto")
     ours, _ = build_pair(seed=4)
     ids = torch.randint(1, 99, (1, 9))
@@ -122,44 +99,7 @@ def test_importable_but_broken_fla_never_runs_on_cpu(monkeypatch):
 
 def test_forced_fla_path_passes_the_documented_arguments(monkeypatch):
     """With the fla path forced, a fake fla built on our exact ops checks every call's layout and arguments."""
-    calls = []
-
-    def chunk(q, k, v, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False,
-              cu_seqlens=None):  # fmt: skip
-        assert use_qk_l2norm_in_kernel and g.dtype == torch.float32
-        assert cu_seqlens is None or q.shape[0] == 1
-        calls.append(("chunk", q.shape[1], cu_seqlens is not None))
-        return chunk_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state, cu_seqlens)
-
-    def recurrent(q, k, v, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False):
-        assert q.shape[1] == 1 and use_qk_l2norm_in_kernel and not torch.is_grad_enabled()
-        calls.append(("recurrent", 1, False))
-        return recurrent_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state)
-
-    def conv(x, weight, initial_state=None, output_final_state=False, activation=None, cu_seqlens=None):
-        assert activation == "silu" and x.dim() == 3 and weight.dim() == 2
-        position = None
-        if cu_seqlens is not None:
-            starts = torch.zeros(x.shape[1], dtype=torch.bool)
-            starts[cu_seqlens[:-1].long()] = True
-            ids = starts.long().cumsum(0) - 1
-            position = (torch.arange(x.shape[1]) - cu_seqlens[ids].long())[None]
-        calls.append(("conv", x.shape[1], cu_seqlens is not None))
-        y, state = causal_conv1d(x, weight, initial_state, position)
-        return y, (state if output_final_state else None)
-
-    def conv_update(x, cache, weight=None, activation=None):
-        y, state = causal_conv1d(x, weight, cache)
-        cache.copy_(state)
-        return y, cache
-
-    def norm(x, gate, weight, bias, activation="swish", eps=1e-5):
-        assert activation == "silu" and eps == 1e-6
-        return kernels.torch_gated_rms_norm(x, gate, weight, eps)
-
-    _install_fake_fla(
-        monkeypatch, dict(chunk=chunk, recurrent=recurrent, conv=conv, conv_update=conv_update, norm=norm)
-    )
+    calls = install_exact_fake_fla(monkeypatch)
     ours, _ = build_pair(seed=9, rms_norm_eps=1e-6)
     ids = torch.randint(1, 99, (1, 12))
     monkeypatch.setenv(kernels.KERNELS_ENV, "torch")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import install_exact_fake_fla, relative_error
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-from conftest import relative_error
 from transformers.generation.streamers import BaseStreamer
 
-from transformers_qwen35 import speculative
+from transformers_qwen35 import kernels, speculative
 from transformers_qwen35.cache import Qwen3_5HybridCache
 from transformers_qwen35.checkpoint import write_random_checkpoint
 from transformers_qwen35.mtp import mtp_head
@@ -220,6 +220,19 @@ def test_a_streamer_receives_the_tokens_of_plain_decoding(model):
     assert flat(fast.values) == flat(plain.values)
 
 
+def test_lossless_on_the_fla_call_path(model, monkeypatch):
+    """The same loop through fla's entry points (a fake fla on our exact ops checks every call's arguments): the
+    verification pass and the state rollback run fla's fused recurrent kernel with an initial state."""
+    ids, mask = _prompts(2, seed=8)
+    reference = _generate(model, ids, mask)
+    calls = install_exact_fake_fla(monkeypatch)
+    monkeypatch.setenv(kernels.KERNELS_ENV, "fla")
+    for draft_tokens in (1, 3):
+        assert torch.equal(_generate(model, ids, mask, mtp_draft_tokens=draft_tokens), reference)
+    assert ("recurrent", 4, False) in calls and ("conv", 4, False) in calls
+    kernels._load_fla.cache_clear()
+
+
 # --- the states a partial acceptance leaves -------------------------------------------------------------------------
 
 
@@ -246,7 +259,9 @@ def test_keep_speculated_leaves_the_states_of_the_kept_tokens_only(model):
             for layer, is_linear in enumerate(cache.is_linear):
                 if is_linear:
                     assert relative_error(cache.conv_states[layer][row], alone[row].conv_states[layer][0]) < 1e-5
-                    assert relative_error(cache.recurrent_states[layer][row], alone[row].recurrent_states[layer][0]) < 1e-5
+                    assert (
+                        relative_error(cache.recurrent_states[layer][row], alone[row].recurrent_states[layer][0]) < 1e-5
+                    )
         follow = torch.randint(0, VOCAB - 4, (3, 1))
         holes = torch.cat([torch.ones(3, 7, dtype=torch.bool), torch.arange(5)[None] < kept[:, None]], 1)
         logits = model(
@@ -283,7 +298,7 @@ def test_the_heads_cache_matches_running_it_from_scratch(model, monkeypatch):
                 positions = torch.arange(hidden.shape[1])[None].expand(3, 1, -1)
                 cos_sin = inner.rotary_emb(hidden, positions)
                 out = head(hidden, model.get_input_embeddings()(tokens[:, 1:]), cos_sin, None, head.new_cache())
-            assert relative_error(mtp_out[row, 0], out[0, -1]) < 1e-5, (row, relative_error(mtp_out[row, 0], out[0, -1]))
+            assert relative_error(mtp_out[row, 0], out[0, -1]) < 1e-5, row
 
 
 # --- sampling -------------------------------------------------------------------------------------------------------

@@ -156,6 +156,6 @@ def _states_after(step: tuple, kept: torch.Tensor) -> tuple[torch.Tensor, torch.
     )
     width = conv_state.shape[-1]
     window = torch.cat([conv_state, conv_input.transpose(1, 2).to(conv_state.dtype)], dim=-1)  # (B, D, K + T)
-    columns = (kept.to(window.device)[:, None] + torch.arange(width, device=window.device)[None, :])  # (B, K)
+    columns = kept.to(window.device)[:, None] + torch.arange(width, device=window.device)[None, :]  # (B, K)
     conv = window.gather(-1, columns[:, None, :].expand(-1, window.shape[1], -1))
     return conv.contiguous(), recurrent

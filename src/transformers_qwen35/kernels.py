@@ -129,15 +129,15 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_state=Fa
     states ``(B or N, H_v, d_k, d_v)`` fp32. Returns ``(o, final_state | None)``."""
     fla = fla_kernels(v)
     decode = q.shape[1] == 1 and cu_seqlens is None
+    # A few tokens without autograd (speculative verification): stepping beats padding them to a 64-token chunk.
+    few = cu_seqlens is None and q.shape[1] <= FEW_TOKENS and not torch.is_grad_enabled()
     if fla is None:
-        # A few tokens without autograd (speculative verification): stepping beats padding them to a 64-token chunk.
-        few = cu_seqlens is None and q.shape[1] <= FEW_TOKENS and not torch.is_grad_enabled()
         if decode or few:
             return torch_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state)
         return torch_chunk_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state, cu_seqlens)
     common = dict(initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)
-    if decode and not torch.is_grad_enabled():
-        # The fused recurrent kernel has no backward: decode only.
+    if few:
+        # The fused recurrent kernel has no backward: inference only.
         return fla.fused_recurrent(q, k, v, g=g, beta=beta, **common)
     return fla.chunk(q, k, v, g=g, beta=beta, cu_seqlens=cu_seqlens, **common)
 

@@ -61,7 +61,9 @@ class Qwen3_5MultiTokenPredictor(nn.Module):
         )
         hidden = self.fc(joined)
         for layer in self.layers:
-            hidden, _ = layer(hidden, position_embeddings=position_embeddings, attention_mask=attention_mask, cache=cache)
+            hidden, _ = layer(
+                hidden, position_embeddings=position_embeddings, attention_mask=attention_mask, cache=cache
+            )
         cache.seen_tokens += hidden.shape[1]
         return self.norm(hidden)
 

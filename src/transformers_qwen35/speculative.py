@@ -141,7 +141,9 @@ class _Run:
         budget = generation_config.max_length - self.prompt_length
         self.max_new = max(budget, 0)
         # generated[b, :count[b]] are row b's new tokens; the rest is padding. Room for one round's overshoot.
-        self.generated = torch.full((batch, self.max_new + self.K + 1), self.pad_id, dtype=torch.long, device=self.device)
+        self.generated = torch.full(
+            (batch, self.max_new + self.K + 1), self.pad_id, dtype=torch.long, device=self.device
+        )
         self.count = torch.zeros(batch, dtype=torch.long, device=self.device)
         # As transformers does: a row some criterion stopped is padded from then on if an end-of-sequence criterion
         # is present, else it goes on generating until the last row stops, and every row ends at that length.

@@ -1,0 +1,127 @@
+"""GPU checks (skipped without CUDA): the fla path against the PyTorch path and built-in transformers, on one GPU.
+
+Run by ``benchmarks/device_check.sh`` on the lent GPU machine. Tiny models, so the whole file takes seconds once the
+Triton kernels are compiled. Tolerances are those of bf16 arithmetic (fla computes in bf16 with fp32 states);
+the exactness of the math itself is proven on CPU in fp32 by the rest of the suite.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from conftest import build_pair, relative_error
+
+from transformers_qwen35 import kernels
+from transformers_qwen35.modeling import CACHE_FIELD
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="needs fla-core"),
+]
+
+DEVICE = "cuda"
+# fla's kernels want head dims of at least 16 and a multiple of 16: widen the tiny CPU config.
+GPU_SHAPES = dict(
+    hidden_size=128, intermediate_size=256, linear_key_head_dim=32, linear_value_head_dim=32, head_dim=32,
+    vocab_size=512,
+)  # fmt: skip
+
+
+def _pair(dtype=torch.bfloat16, seed=0):
+    ours, native = build_pair(seed=seed, **GPU_SHAPES)
+    return ours.to(DEVICE, dtype), native.to(DEVICE, dtype)
+
+
+def _ids(batch, length, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, GPU_SHAPES["vocab_size"], (batch, length), generator=generator).to(DEVICE)
+
+
+def _with_kernels(monkeypatch, mode):
+    monkeypatch.setenv(kernels.KERNELS_ENV, mode)
+
+
+def test_fla_forward_matches_pytorch_path_and_builtin(monkeypatch):
+    ours, native = _pair()
+    ids = _ids(2, 300)
+    with torch.no_grad():
+        _with_kernels(monkeypatch, "fla")
+        fast = ours(ids).logits.float()
+        _with_kernels(monkeypatch, "torch")
+        exact = ours(ids).logits.float()
+        reference = native(ids).logits.float()
+    assert relative_error(fast, exact) < 2e-2
+    assert relative_error(fast, reference) < 2e-2
+
+
+def test_fla_backward_matches_pytorch_path(monkeypatch):
+    """Training on the fla path (or the documented fallback on Hopper with Triton < 3.7.1): same loss and gradients
+    as the PyTorch path, in fp32 weights with bf16 autocast."""
+    ours, _ = _pair(dtype=torch.float32, seed=1)
+    ours.train()
+    ids = _ids(2, 200, seed=1)
+    results = {}
+    for mode in ("torch", "fla"):
+        _with_kernels(monkeypatch, mode)
+        ours.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = ours(ids, labels=ids).loss
+        loss.backward()
+        results[mode] = (loss.detach().float(), {n: p.grad.float().clone() for n, p in ours.named_parameters()})
+    assert relative_error(results["fla"][0], results["torch"][0]) < 1e-2
+    for name, grad in results["torch"][1].items():
+        assert relative_error(results["fla"][1][name], grad) < 5e-2, name
+
+
+def test_packed_sequences_stay_apart_on_fla(monkeypatch):
+    ours, _ = _pair(seed=2)
+    _with_kernels(monkeypatch, "fla")
+    a, b = _ids(1, 130, seed=2), _ids(1, 70, seed=3)
+    packed = torch.cat([a, b], 1)
+    positions = torch.cat([torch.arange(130), torch.arange(70)])[None].to(DEVICE)
+    with torch.no_grad():
+        together = ours(packed, position_ids=positions).logits.float()
+        alone = torch.cat([ours(a).logits, ours(b).logits], 1).float()
+    assert relative_error(together, alone) < 2e-2
+
+
+def test_cached_decode_on_fla_matches_a_full_forward(monkeypatch):
+    ours, _ = _pair(seed=3)
+    _with_kernels(monkeypatch, "fla")
+    ids = _ids(2, 100, seed=4)
+    with torch.no_grad():
+        full = ours(ids).logits.float()
+        cache = getattr(ours(ids[:, :90], use_cache=True), CACHE_FIELD)
+        steps = []
+        for t in range(90, 100):
+            steps.append(ours(ids[:, t : t + 1], cache=cache, use_cache=True).logits.float())
+    assert relative_error(torch.cat(steps, 1), full[:, 90:]) < 2e-2
+
+
+def test_mtp_greedy_is_lossless_on_the_gpu(tmp_path, monkeypatch):
+    """generate(mtp_draft_tokens=K) against plain decoding, in fp32 (tf32 off) so that ties cannot differ."""
+    from transformers import AutoModelForCausalLM
+
+    from transformers_qwen35.checkpoint import write_random_checkpoint
+    from transformers_qwen35.presets import tiny_config
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = tiny_config(vocab_size=512)
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
+    for key in ("linear_key_head_dim", "linear_value_head_dim"):
+        setattr(config.text_config, key, 32)
+    write_random_checkpoint(tmp_path, config, seed=5)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).to(DEVICE).eval()
+    _with_kernels(monkeypatch, "auto")
+    ids = _ids(3, 40, seed=6)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    reference = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    for draft_tokens in (1, 2, 3, 4):
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0, mtp_draft_tokens=draft_tokens
+        )
+        assert torch.equal(out, reference), draft_tokens
