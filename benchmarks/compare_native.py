@@ -187,8 +187,9 @@ def our_kernel_path(device: torch.device) -> str:
     return "fla"
 
 
-def build_models(size: str, device: torch.device, dtype: torch.dtype, seed: int, attn: str):
-    """(ours, built-in), eval mode, on ``device`` in ``dtype``, with identical weights.
+def build_models(size: str, device: torch.device, dtype: torch.dtype, seed: int, attn: str, vocab: int | None = None):
+    """(ours, built-in), eval mode, on ``device`` in ``dtype``, with identical weights; ``vocab`` replaces the
+    config's vocabulary size (e.g. the official 248,320 on the ``tiny`` shape, to measure the loss's memory).
 
     Ours keeps ``A_log`` and ``linear_attn.norm.weight`` in fp32 (as ``from_pretrained`` does); built-in transformers
     casts them to ``dtype``. Both get the same values: ours are drawn in ``dtype`` and then widened, exactly."""
@@ -196,6 +197,8 @@ def build_models(size: str, device: torch.device, dtype: torch.dtype, seed: int,
 
     configuration, modeling = _builtin_modules()
     config = text_config_dict(size)
+    if vocab:
+        config["vocab_size"] = vocab
     torch.manual_seed(seed)
     with torch.device(device):
         ours = transformers_qwen35.Qwen3_5ForCausalLM._from_config(
@@ -422,17 +425,32 @@ def bench_prefill(models, shapes, vocab, device, args) -> list[Result]:
     return out
 
 
-def bench_decode(models, batches, prompt, new, vocab, device, args) -> tuple[list[Result], dict]:
-    out, same_tokens = [], {}
+def mtp_label(draft_tokens: int, oracle: bool = False) -> str:
+    return f"{OURS} mtp K={draft_tokens}" + (" oracle" if oracle else "")
+
+
+def bench_decode(models, batches, prompt, new, vocab, device, args) -> tuple[list[Result], dict, dict]:
+    """Plain greedy decoding of both models, then ours with MTP drafts (``--mtp``): with the model's own head (random
+    weights accept almost nothing, so this row is the cost of rejected drafts) and, with ``--mtp-oracle``, with
+    drafts that are always right (the tokens plain decoding produced: the ceiling at full acceptance)."""
+    out, same_tokens, mtp_stats = [], {}, {}
+    variants = {label: (model, {}) for label, model in models.items()}
+    for draft_tokens in args.mtp:
+        variants[mtp_label(draft_tokens)] = (models[OURS], dict(mtp_draft_tokens=draft_tokens))
+        if args.mtp_oracle:
+            variants[mtp_label(draft_tokens, True)] = (models[OURS], dict(mtp_draft_tokens=draft_tokens, oracle=True))
     for batch in batches:
         ids = random_ids(batch, prompt, vocab, device, seed=prompt + batch)
-        generated = {}
+        generated, stats = {}, {}
 
-        def runner(model, label, count, ids, generated):
+        def runner(model, label, count, ids, generated, stats, extra):
             mask = torch.ones_like(ids)
+            extra = dict(extra)
+            oracle = extra.pop("oracle", False)
 
             def run():
-                with torch.no_grad():
+                drafts = oracle_drafts(generated[OURS], prompt) if oracle else contextlib.nullcontext()
+                with torch.no_grad(), drafts:
                     tokens = model.generate(
                         input_ids=ids,
                         attention_mask=mask,
@@ -441,20 +459,23 @@ def bench_decode(models, batches, prompt, new, vocab, device, args) -> tuple[lis
                         do_sample=False,
                         num_beams=1,
                         pad_token_id=0,
+                        **extra,
                     )
                 if count == new:
                     generated[label] = tokens
+                    if "mtp_draft_tokens" in extra:
+                        stats[label] = model.mtp_stats
 
             return run
 
         runs = {}
-        for label, model in models.items():
-            runs[(label, 1)] = runner(model, label, 1, ids, generated)
-            runs[(label, new)] = runner(model, label, new, ids, generated)
+        for label, (model, extra) in variants.items():
+            runs[(label, 1)] = runner(model, label, 1, ids, generated, stats, extra)
+            runs[(label, new)] = runner(model, label, new, ids, generated, stats, extra)
         # The warm-up of the long call also warms the short one (same prefill and step code).
-        measured = interleaved(runs, args.repeats, args.warmup, device, cold=tuple((label, 1) for label in models))
+        measured = interleaved(runs, args.repeats, args.warmup, device, cold=tuple((label, 1) for label in variants))
         shape = f"b{batch} p{prompt} n{new}"
-        for label in models:
+        for label in variants:
             short, long = measured[(label, 1)], measured[(label, new)]
             result = Result("decode", shape, label, batch)
             if isinstance(short, BaseException) or isinstance(long, BaseException):
@@ -466,12 +487,55 @@ def bench_decode(models, batches, prompt, new, vocab, device, args) -> tuple[lis
                 result.peak_bytes, result.peak_total_bytes = long[1], long[2]
                 result.times_s = [round(t, 5) for t in long[0]]
                 result.note = f"generate {new} new: {statistics.median(long[0]) * 1e3:.0f} ms"
+                if label in stats:
+                    run_stats = stats[label]
+                    result.note += (
+                        f", acceptance {run_stats.acceptance_rate:.2f}, {run_stats.tokens_per_pass:.2f} tokens/pass"
+                    )
+                    mtp_stats.setdefault(shape, {})[label] = {
+                        "acceptance_rate": round(run_stats.acceptance_rate, 3),
+                        "tokens_per_pass": round(run_stats.tokens_per_pass, 3),
+                    }
             out.append(result)
         if OURS in generated and BUILTIN in generated:
             same_tokens[shape] = bool(torch.equal(generated[OURS], generated[BUILTIN]))
+        for label in stats:  # greedy MTP decoding must give plain decoding's tokens
+            same_tokens[f"{shape} {label}"] = bool(torch.equal(generated[label], generated[OURS]))
         runs = ids = generated = None
         _free(device)
-    return out, same_tokens
+    return out, same_tokens, mtp_stats
+
+
+@contextlib.contextmanager
+def oracle_drafts(reference: torch.Tensor, prompt_length: int):
+    """MTP drafts replaced by the tokens plain decoding produced (``reference``): every draft is accepted."""
+    from transformers_qwen35 import speculative
+
+    original = speculative._Run.draft
+
+    def draft(run):
+        done = run.count[:, None] + torch.arange(run.K, device=run.device)[None, :]
+        index = (prompt_length + done).clamp(max=reference.shape[1] - 1)
+        drafts = reference.gather(1, index.to(reference.device)).to(run.device)
+        return drafts, torch.zeros(*drafts.shape, 1, device=run.device)  # greedy: the scores are not read
+
+    speculative._Run.draft = draft
+    try:
+        yield
+    finally:
+        speculative._Run.draft = original
+
+
+def attach_random_mtp_heads(model, seed: int) -> None:
+    """Models built from a config have no MTP head: give ours a random one of the official shape (drafts from
+    random weights are almost never accepted)."""
+    from transformers_qwen35.mtp import Qwen3_5MultiTokenPredictor, set_mtp_head
+
+    parameter = next(model.parameters())
+    torch.manual_seed(seed)
+    with torch.device(parameter.device):
+        head = Qwen3_5MultiTokenPredictor(model.config)
+    set_mtp_head(model, head.to(parameter.dtype))
 
 
 def bench_train(models, shape, vocab, device, args) -> list[Result]:
@@ -588,12 +652,18 @@ def _num(value, digits=1) -> str:
 
 
 def ratios(results: list[Result]) -> tuple[dict, dict]:
-    """Speed ratio (ours tokens/s / built-in tokens/s) and peak-memory ratio (ours / built-in) per measurement."""
+    """Speed ratio (ours tokens/s / built-in tokens/s) and peak-memory ratio (ours / built-in) per measurement; MTP
+    rows add ``<key>_mtpK`` (and ``..._oracle``) entries, also relative to built-in."""
     by_key: dict[str, dict[str, Result]] = {}
     for result in results:
         by_key.setdefault(result.key, {})[result.model] = result
     speed, memory = {}, {}
     for key, pair in by_key.items():
+        builtin = pair.get(BUILTIN)
+        for label, result in pair.items():
+            if label.startswith(f"{OURS} mtp") and builtin and result.tokens_per_s and builtin.tokens_per_s:
+                suffix = label.split("K=")[1].replace(" ", "_")
+                speed[f"{key}_mtp{suffix}"] = round(result.tokens_per_s / builtin.tokens_per_s, 3)
         ours, builtin = pair.get(OURS), pair.get(BUILTIN)
         if ours and builtin and ours.tokens_per_s and builtin.tokens_per_s:
             speed[key] = round(ours.tokens_per_s / builtin.tokens_per_s, 3)
@@ -612,12 +682,16 @@ def print_table(results: list[Result], speed: dict, memory: dict, memory_label: 
     for result in results:
         is_ours = result.model == OURS
         ratio = _num(speed.get(result.key), 2) + "×" if is_ours and speed.get(result.key) else ""
+        if result.model.startswith(f"{OURS} mtp"):
+            mtp_key = f"{result.key}_mtp{result.model.split('K=')[1].replace(' ', '_')}"
+            ratio = _num(speed.get(mtp_key), 2) + "×" if speed.get(mtp_key) else ""
         mem_ratio = _num(memory.get(result.key), 2) + "×" if is_ours and memory.get(result.key) else ""
         if result.error:
             row = f"FAILED: {result.error}", "—", "—"
         else:
             row = _num(result.tokens_per_s), _num(result.ms, 2), _gib(result.peak_bytes)
-        label = result.model + (f" ({result.note})" if result.note and result.what != "decode" else "")
+        show_note = result.note and (result.what != "decode" or "acceptance" in result.note)
+        label = result.model + (f" ({result.note.split(', ', 1)[-1]})" if show_note else "")
         print(f"| {result.what} {result.shape} | {label} | {row[0]} | {row[1]} | {row[2]} | {ratio} | {mem_ratio} |")
 
 
@@ -642,6 +716,16 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, help="untimed runs per model before the timed ones")
     parser.add_argument("--attn", default="sdpa", help="attention implementation for both models")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab", type=int, help="vocabulary size replacing the config's (e.g. 248320, --size tiny)")
+    parser.add_argument(
+        "--mtp",
+        help="MTP draft counts K to decode with as well, comma-separated (default: 1,2,3 on CUDA, 2 on CPU; 0: none)",
+    )
+    parser.add_argument(
+        "--mtp-oracle",
+        action="store_true",
+        help="also decode with always-right drafts (the ceiling at full acceptance)",
+    )
     parser.add_argument(
         "--guard-tolerance",
         type=float,
@@ -659,6 +743,12 @@ def parse_args(argv=None):
         parser.error(f"--what: unknown {sorted(unknown)}; choose from {', '.join(WHAT)}")
     if args.decode_new < 2:
         parser.error("--decode-new must be at least 2 (the step time is a difference of two generate calls)")
+    if args.mtp is None:
+        args.mtp = "1,2,3" if args.device == "cuda" else "2"
+    try:
+        args.mtp = [int(k) for k in args.mtp.split(",") if k.strip() and int(k) > 0]
+    except ValueError:
+        parser.error(f"--mtp: expected comma-separated draft counts such as 1,2,3, got {args.mtp!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     return args
@@ -684,7 +774,7 @@ def main(argv=None) -> dict:
 
 
 def _run(args, device, dtype, threads, started) -> dict:
-    ours, builtin = build_models(args.size, device, dtype, args.seed, args.attn)
+    ours, builtin = build_models(args.size, device, dtype, args.seed, args.attn, args.vocab)
     models = {OURS: ours, BUILTIN: builtin}
     vocab = min(ours.config.vocab_size, 32000)
     parameters = sum(p.numel() for p in ours.parameters())
@@ -754,9 +844,14 @@ def _run(args, device, dtype, threads, started) -> dict:
     if "decode" in args.what:
         batches = [int(b) for b in str(args.decode_batch).split(",") if b.strip()]
 
+        if args.mtp:
+            attach_random_mtp_heads(ours, args.seed)
+
         def decode():
-            decoded, same = bench_decode(models, batches, args.decode_prompt, args.decode_new, vocab, device, args)
+            decoded, same, mtp = bench_decode(models, batches, args.decode_prompt, args.decode_new, vocab, device, args)
             extra["decode_same_tokens"] = same
+            if mtp:
+                extra["mtp"] = mtp
             return decoded
 
         phase("decode", decode)

@@ -76,6 +76,14 @@ def test_turns_modes_and_commands(capsys, monkeypatch, demo_dir):
     assert "\x1b[" not in out  # no colour codes when stdout is not a terminal
 
 
+def test_mtp_drafts_leave_the_answers_unchanged(capsys, monkeypatch, demo_dir):
+    lines = ["Hello there", "/think", "Why is the sky blue?"]
+    code, out, err = chat(capsys, monkeypatch, demo_dir, lines, "--mtp", "2", "--temperature", "0")
+    assert code == 0, err
+    plain_code, plain_out, _ = chat(capsys, monkeypatch, demo_dir, lines, "--temperature", "0")
+    assert plain_code == 0 and out == plain_out and out.strip()
+
+
 def test_hidden_reasoning_and_reset(capsys, monkeypatch, demo_dir):
     lines = ["Why is the sky blue?", "/reset", "Why is the sky blue?"]
     code, out, err = chat(capsys, monkeypatch, demo_dir, lines, "--think", "--hide-reasoning")

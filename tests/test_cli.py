@@ -138,6 +138,15 @@ def test_generate_chat_applies_the_template(capsys, demo_dir, reference):
     assert out != greedy_reply(reference, "Hi there", 10) + "\n"
 
 
+def test_mtp_drafts_print_the_same_greedy_text(capsys, demo_dir, reference):
+    """--mtp K uses the demo checkpoint's own MTP head (random: few drafts pass) and must not change the output."""
+    prompt = "The quick brown fox"
+    base = ["generate", "--model", str(demo_dir), "--no-chat", "--max-new-tokens", "10", *CPU]
+    code, out, err = run_main(capsys, *base, "--mtp", "3", prompt)
+    assert code == 0, err
+    assert out == greedy_reply(reference, prompt, 10) + "\n"
+
+
 def test_temperature_zero_is_greedy_and_seeded_sampling_repeats(capsys, demo_dir, reference):
     base = ["generate", "--model", str(demo_dir), "--no-chat", "--max-new-tokens", "8", *CPU]
     code, greedy, _ = run_main(capsys, *base, "--temperature", "0", "Hello")
@@ -242,6 +251,7 @@ def test_usage_errors_exit_2_like_argparse(capsys):
     assert cli.main(["generate", "--temperature", "-1", "hi"]) == 2
     assert cli.main(["generate", "--top-p", "1.5", "hi"]) == 2
     assert cli.main(["generate", "--dtype", "float8", "hi"]) == 2
+    assert cli.main(["generate", "--mtp", "-1", "hi"]) == 2
     assert cli.main([]) == 2
     assert "usage: qwen35" in capsys.readouterr().err
 

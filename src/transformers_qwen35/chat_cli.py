@@ -25,6 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .chat_template import thinking_default_for
 from .cli import (
+    MTP_HELP,
     CliError,
     check_checkpoint,
     choose_device,
@@ -33,6 +34,7 @@ from .cli import (
     generation_settings,
     info,
     load_tokenizer,
+    non_negative_int,
     resolve_model_source,
 )
 from .demo import build_demo_checkpoint
@@ -184,6 +186,7 @@ class ChatSession:
                 self.model.generate(
                     **inputs, generation_config=settings, streamer=streamer,
                     logits_processor=processors, stopping_criteria=[interrupt],
+                    **({"mtp_draft_tokens": self.args.mtp} if self.args.mtp else {}),
                 )  # fmt: skip
         finally:
             signal.signal(signal.SIGINT, previous)
@@ -292,6 +295,7 @@ def add_chat_parser(commands, generation_types) -> None:
     add("--temperature", type=non_negative_float, default=None, metavar="T", help="0 = greedy (default: the card's)")
     add("--top-p", type=probability, default=None, metavar="P", help="nucleus mass (default: the card's)")
     add("--seed", type=int, default=None, metavar="S", help="seed the sampler")
+    add("--mtp", type=non_negative_int, default=0, metavar="K", help=MTP_HELP)
     add("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="weights dtype (default: auto)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: auto)")
     add("--verbose", action="store_true", help="show transformers' progress bars and warnings")

@@ -426,7 +426,10 @@ def run_generate(args: argparse.Namespace) -> int:
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     try:
         with torch.inference_mode():
-            model.generate(**inputs, generation_config=settings, streamer=streamer, logits_processor=processors)
+            model.generate(
+                **inputs, generation_config=settings, streamer=streamer, logits_processor=processors,
+                **({"mtp_draft_tokens": args.mtp} if args.mtp else {}),
+            )  # fmt: skip
     except (CliError, BrokenPipeError):
         raise  # main() knows these; a closed stdout is the reader's choice, not a generation failure
     except Exception as error:
@@ -481,7 +484,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 FROM_GENERATION_CONFIG = "default: the model's generation_config.json"
+MTP_HELP = (
+    "draft K tokens per step with the checkpoint's multi-token-prediction head and verify them in one pass "
+    "(same output, faster when drafts are accepted; 0 = off, default: %(default)s)"
+)
 
 
 def generation_options(max_new_tokens: int) -> argparse.ArgumentParser:
@@ -511,6 +525,7 @@ def generation_options(max_new_tokens: int) -> argparse.ArgumentParser:
         help=f"nucleus sampling probability mass ({FROM_GENERATION_CONFIG})",
     )
     add("--seed", type=int, default=None, metavar="S", help="seed the sampler, for repeatable sampled output")
+    add("--mtp", type=non_negative_int, default=0, metavar="K", help=MTP_HELP)
     add(
         "--no-chat", action="store_true", help="continue the prompt as plain text instead of applying the chat template"
     )

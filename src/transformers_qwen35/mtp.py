@@ -72,6 +72,15 @@ class _AttentionOnly:
     layer_types = [FULL_ATTENTION]
 
 
+def set_mtp_head(model, head: Qwen3_5MultiTokenPredictor | None) -> None:
+    """Give ``model`` this MTP head (or none) instead of the one from its checkpoint: for models built from a config
+    (benchmarks, tests) or heads kept elsewhere. ``mtp_head`` moves it to the model's device and dtype."""
+    if head is None:
+        model.__dict__.pop("_mtp_head", None)
+    else:
+        model.__dict__["_mtp_head"] = head.eval()
+
+
 def mtp_head(model) -> Qwen3_5MultiTokenPredictor:
     """The model's MTP head, built from its checkpoint on first use and kept on the ``lm_head``'s device and dtype."""
     lm_head = model.get_output_embeddings()
