@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -32,6 +33,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from . import kernels
 from .cache import Qwen3_5HybridCache
 from .checkpoint import CarriedTensors
+from .chunked_loss import causal_lm_loss
 from .configuration import FULL_ATTENTION, LINEAR_ATTENTION, Qwen3_5Config, Qwen3_5TextConfig
 from .packing import Segments, find_segments
 
@@ -337,6 +339,12 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
     _is_stateful = True
 
     carried_tensors: CarriedTensors | None = None
+    # Positions per chunk of the chunked training loss (chunked_loss.py); None: as many as keep a chunk's fp32
+    # logits within chunked_loss.CHUNK_ELEMENTS.
+    loss_chunk_size: int | None = None
+    # What forward's skip_logits=None means in training with labels. Set False for a trainer that reads
+    # outputs.logits in training (TRL's SFTTrainer without Liger logs entropy and token accuracy from them).
+    skip_logits_in_training: bool = True
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -384,13 +392,33 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
             return super().generate(*args, custom_generate=decode, **kwargs)
         return super().generate(*args, **kwargs)
 
-    def _head_output(self, outputs, labels, logits_to_keep, vocab_size, kwargs) -> CausalLMOutputWithPast:
-        """``lm_head`` on the kept positions, and the loss when labels are given (for the two generating heads)."""
+    def _head_output(
+        self, outputs, labels, logits_to_keep, vocab_size, kwargs, skip_logits=None
+    ) -> CausalLMOutputWithPast:
+        """``lm_head`` on the kept positions, and the loss when labels are given (for the two generating heads).
+
+        ``skip_logits`` (the forward keyword): True computes the loss chunk by chunk (chunked_loss.py) and returns
+        ``logits=None``, so full-vocabulary fp32 logits never exist for the whole sequence; False materialises the
+        logits; None (default) skips them exactly when ``self.training and labels is not None`` (a training step
+        reads only the loss; eval, ``Trainer.prediction_step`` and generation get logits), unless the model's
+        ``skip_logits_in_training`` is False. A custom ``loss_function`` gets the logits it is written for, so the
+        default then keeps them, and True is refused."""
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(outputs.last_hidden_state[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+        hidden = outputs.last_hidden_state[:, keep, :]
+        standard_loss = self.loss_function is ForCausalLMLoss
+        if skip_logits and labels is None:
+            raise ValueError("skip_logits=True returns only the loss, so it needs labels")
+        if skip_logits and not standard_loss:
+            raise ValueError("skip_logits=True computes ForCausalLMLoss chunk by chunk; this model has a custom loss")
+        if skip_logits is None:
+            skip_logits = self.training and labels is not None and standard_loss and self.skip_logits_in_training
+        loss = logits = None
+        if skip_logits:
+            loss = causal_lm_loss(hidden, self.lm_head, labels, vocab_size, chunk_size=self.loss_chunk_size, **kwargs)
+        else:
+            logits = self.lm_head(hidden)
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -644,6 +672,7 @@ class Qwen3_5ForCausalLM(Qwen3_5PreTrainedModel, GenerationMixin):
         logits_to_keep=0,
         cache=None,
         cache_position=None,
+        skip_logits=None,
         **kwargs,
     ):
         outputs = self.model(
@@ -658,4 +687,4 @@ class Qwen3_5ForCausalLM(Qwen3_5PreTrainedModel, GenerationMixin):
             cache=cache,
             **kwargs,
         )
-        return self._head_output(outputs, labels, logits_to_keep, self.config.vocab_size, kwargs)
+        return self._head_output(outputs, labels, logits_to_keep, self.config.vocab_size, kwargs, skip_logits)

@@ -251,6 +251,7 @@ class Qwen3_5ForConditionalGeneration(Qwen3_5PreTrainedModel, GenerationMixin):
         logits_to_keep=0,
         cache=None,
         cache_position=None,
+        skip_logits=None,
         **kwargs,
     ):
         outputs: BaseModelOutputWithPast = self.model(
@@ -270,7 +271,9 @@ class Qwen3_5ForConditionalGeneration(Qwen3_5PreTrainedModel, GenerationMixin):
             cache=cache,
             **kwargs,
         )
-        return self._head_output(outputs, labels, logits_to_keep, self.config.text_config.vocab_size, kwargs)
+        return self._head_output(
+            outputs, labels, logits_to_keep, self.config.text_config.vocab_size, kwargs, skip_logits
+        )
 
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
         inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)

@@ -1,0 +1,355 @@
+"""The chunked training loss (chunked_loss.py): the same loss and gradients as the full-logits path and as built-in
+transformers, with several chunks running, and no full-vocabulary logits tensor ever allocated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_CONFIGS, build_pair, build_vl_pair, random_pixels, relative_error, vision_run
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from transformers_qwen35 import chunked_loss
+from transformers_qwen35.chunked_loss import CHUNK_ELEMENTS, causal_lm_loss, chunk_rows
+
+LOSS_TOL, GRAD_TOL = 1e-5, 1e-4
+CHUNK = 5  # 2 x 37 = 74 positions: 15 chunks, one of them short
+
+
+def _ids(batch=2, length=37, seed=1, vocab=99):
+    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _labels(ids):
+    """A masked prompt in every row, and in row 0 a masked stretch that covers whole chunks (positions 10..29)."""
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[0, 10:31] = -100
+    return labels
+
+
+def _step(model, zero=True, **inputs):
+    """One forward + backward in training mode: (output, {name: gradient})."""
+    model.train()
+    if zero:
+        model.zero_grad(set_to_none=True)
+    output = model(**inputs)
+    output.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return output, grads
+
+
+def _assert_same(loss, grads, reference_loss, reference_grads, grad_tol=GRAD_TOL):
+    assert relative_error(loss, reference_loss) < LOSS_TOL
+    assert set(grads) == set(reference_grads)
+    for name, grad in grads.items():
+        assert relative_error(grad, reference_grads[name]) < grad_tol, name
+
+
+# --- loss semantics ---------------------------------------------------------------------------------------------
+
+
+def test_chunk_rows_bounds_a_chunks_fp32_logits():
+    assert chunk_rows(248320) * 248320 <= CHUNK_ELEMENTS < (chunk_rows(248320) + 1) * 248320
+    assert chunk_rows(248320) == 270
+    assert chunk_rows(10**9) == 1  # at least one row, whatever the vocabulary
+    assert chunk_rows(99, elements=990) == 10
+
+
+@pytest.mark.parametrize("config", sorted(TINY_CONFIGS))
+def test_loss_and_every_gradient_match_unchunked_and_builtin(config):
+    """Tied and untied heads: with the tied one the embedding's gradient is the sum over both of its uses."""
+    ours, native = build_pair(**TINY_CONFIGS[config])
+    ours.loss_chunk_size = CHUNK
+    ids = _ids()
+    inputs = dict(input_ids=ids, labels=_labels(ids))
+    chunked, chunked_grads = _step(ours, **inputs)
+    assert chunked.logits is None  # training with labels: the logits are skipped
+    full, full_grads = _step(ours, **inputs, skip_logits=False)
+    assert full.logits is not None and full.logits.shape == (2, 37, 99)
+    builtin, builtin_grads = _step(native, **inputs)
+    assert len(chunked_grads) == len(list(ours.parameters()))
+    _assert_same(chunked.loss, chunked_grads, full.loss, full_grads)
+    _assert_same(chunked.loss, chunked_grads, builtin.loss, builtin_grads)
+
+
+@pytest.mark.parametrize("items", [50, "tensor"])
+def test_num_items_in_batch_divides_the_summed_loss(items):
+    ours, native = build_pair(tie_word_embeddings=True)
+    ours.loss_chunk_size = CHUNK
+    ids = _ids()
+    items = torch.tensor(50) if items == "tensor" else items
+    inputs = dict(input_ids=ids, labels=_labels(ids), num_items_in_batch=items)
+    chunked, chunked_grads = _step(ours, **inputs)
+    builtin, builtin_grads = _step(native, **inputs)
+    _assert_same(chunked.loss, chunked_grads, builtin.loss, builtin_grads)
+    mean, _ = _step(ours, input_ids=ids, labels=_labels(ids))
+    counted = int((_labels(ids)[:, 1:] != -100).sum())
+    assert relative_error(chunked.loss * 50, mean.loss * counted) < LOSS_TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_num_items_in_batch_on_another_device():
+    ours, native = build_pair()
+    ours.loss_chunk_size = CHUNK
+    ids = _ids()
+    inputs = dict(input_ids=ids, labels=_labels(ids), num_items_in_batch=torch.tensor(50, device="cuda"))
+    chunked, _ = _step(ours, **inputs)
+    builtin, _ = _step(native, **inputs)
+    assert chunked.loss.device.type == "cpu"
+    assert relative_error(chunked.loss, builtin.loss) < LOSS_TOL
+
+
+def test_shift_labels_are_used_as_given():
+    ours, native = build_pair(tie_word_embeddings=True)
+    ours.loss_chunk_size = CHUNK
+    ids = _ids()
+    shifted = _ids(seed=5)  # unrelated to ids, so a loss that shifted the labels itself would differ
+    shifted[:, -6:] = -100
+    inputs = dict(input_ids=ids, labels=ids, shift_labels=shifted)
+    chunked, chunked_grads = _step(ours, **inputs)
+    builtin, builtin_grads = _step(native, **inputs)
+    _assert_same(chunked.loss, chunked_grads, builtin.loss, builtin_grads)
+    plain, _ = _step(ours, input_ids=ids, labels=ids)
+    assert relative_error(chunked.loss, plain.loss) > 1e-3
+
+
+def test_logits_to_keep_takes_labels_of_the_kept_positions():
+    ours, native = build_pair()
+    ours.loss_chunk_size = CHUNK
+    ids = _ids()
+    inputs = dict(input_ids=ids, labels=_labels(ids)[:, -12:], logits_to_keep=12)
+    chunked, chunked_grads = _step(ours, **inputs)
+    builtin, builtin_grads = _step(native, **inputs)
+    _assert_same(chunked.loss, chunked_grads, builtin.loss, builtin_grads)
+    for model in (ours, native):  # labels for every position do not line up with 12 kept ones, in both
+        with pytest.raises(ValueError):
+            model.train()(input_ids=ids, labels=ids, logits_to_keep=12)
+
+
+@pytest.mark.parametrize("items", [None, 7])
+def test_no_counted_position_gives_what_builtin_gives(items):
+    """All labels ignored: NaN as the mean of nothing, 0 with num_items_in_batch; backward still runs (zero)."""
+    ours, native = build_pair(tie_word_embeddings=True)
+    ours.loss_chunk_size = CHUNK
+    ids = _ids()
+    inputs = dict(input_ids=ids, labels=torch.full_like(ids, -100), num_items_in_batch=items)
+    chunked, chunked_grads = _step(ours, **inputs)
+    builtin, _ = _step(native, **inputs)
+    if items is None:
+        assert torch.isnan(chunked.loss) and torch.isnan(builtin.loss)
+    else:
+        assert chunked.loss.item() == builtin.loss.item() == 0.0
+    assert all(grad.abs().max() == 0 for grad in chunked_grads.values())
+
+
+def test_function_equals_for_causal_lm_loss_directly():
+    """The function alone, against transformers' ForCausalLMLoss on an arbitrary head and ignore_index."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True)
+    hidden = torch.randn(3, 11, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 11))
+    labels[1] = 7  # ignore_index 7: a whole row counts for nothing
+    expected = ForCausalLMLoss(head(hidden), labels, 50, ignore_index=7)
+    expected_grads = torch.autograd.grad(expected, [hidden, head.weight, head.bias])
+    for chunk in (1, 4, 33, 1000):
+        loss = causal_lm_loss(hidden, head, labels, 50, ignore_index=7, chunk_size=chunk, unused_keyword=1)
+        grads = torch.autograd.grad(loss, [hidden, head.weight, head.bias])
+        assert relative_error(loss, expected) < LOSS_TOL
+        for grad, reference in zip(grads, expected_grads):
+            assert relative_error(grad, reference) < GRAD_TOL
+    with pytest.raises(ValueError):
+        causal_lm_loss(hidden, head, labels, 49)
+
+
+# --- when logits are skipped ------------------------------------------------------------------------------------
+
+
+def test_logits_are_skipped_only_in_training_with_labels_unless_forced():
+    ours, _ = build_pair()
+    ours.loss_chunk_size = CHUNK
+    ids = _ids()
+    with torch.no_grad():
+        ours.train()
+        assert ours(ids, labels=ids).logits is None
+        assert ours(ids).logits.shape == (2, 37, 99)  # no labels: nothing to skip for
+        train_full = ours(ids, labels=ids, skip_logits=False)
+        ours.eval()
+        evaluated = ours(ids, labels=ids)  # eval (Trainer.prediction_step) gets logits and the loss
+        forced = ours(ids, labels=ids, skip_logits=True)
+    assert train_full.logits is not None and evaluated.logits is not None and forced.logits is None
+    assert relative_error(forced.loss, evaluated.loss) < LOSS_TOL
+    assert relative_error(train_full.loss, evaluated.loss) < LOSS_TOL
+    with pytest.raises(ValueError, match="needs labels"):
+        ours(ids, skip_logits=True)
+    ours.skip_logits_in_training = False  # for trainers that read the logits in training (TRL's SFTTrainer)
+    with torch.no_grad():
+        kept = ours.train()(ids, labels=ids)
+        forced = ours(ids, labels=ids, skip_logits=True)
+    assert kept.logits is not None and forced.logits is None
+    assert relative_error(forced.loss, kept.loss) < LOSS_TOL
+
+
+def test_a_custom_loss_function_keeps_the_logits():
+    ours, _ = build_pair()
+    ids = _ids()
+    seen = []
+
+    def custom(logits, labels, vocab_size, **kwargs):
+        seen.append(logits.shape)
+        return logits.float().mean()
+
+    ours.loss_function = custom
+    ours.train()
+    output = ours(ids, labels=ids)
+    assert output.logits is not None and seen == [(2, 37, 99)]
+    with pytest.raises(ValueError, match="custom loss"):
+        ours(ids, labels=ids, skip_logits=True)
+
+
+# --- training setups --------------------------------------------------------------------------------------------
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    ours, _ = build_pair(tie_word_embeddings=True)
+    ours.loss_chunk_size = CHUNK
+    ids = _ids()
+    inputs = dict(input_ids=ids, labels=_labels(ids), use_cache=False)
+    plain, plain_grads = _step(ours, **inputs)
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed, checkpointed_grads = _step(ours, **inputs)
+    assert checkpointed.logits is None
+    _assert_same(checkpointed.loss, checkpointed_grads, plain.loss, plain_grads)
+
+
+def test_multimodal_loss_and_gradients_match_builtin():
+    from conftest import IMAGE_PAD
+
+    from transformers_qwen35.multimodal_positions import token_types
+
+    ours, native = build_vl_pair(seed=4, attn_implementation="eager", tie_word_embeddings=True)
+    ours.loss_chunk_size = 3
+    input_ids = torch.tensor([[5, 6, 7] + vision_run(4, IMAGE_PAD) + [8, 9, 10, 11, 12, 13, 14]])
+    labels = input_ids.clone()
+    labels[:, :9] = -100  # the prompt and the image: chunks 0..2 count for nothing
+    grid = [[1, 4, 4]]
+    vision = dict(pixel_values=random_pixels(grid, 1), image_grid_thw=torch.tensor(grid))
+    chunked, chunked_grads = _step(ours, input_ids=input_ids, labels=labels, **vision)
+    assert chunked.logits is None
+    full, full_grads = _step(ours, input_ids=input_ids, labels=labels, skip_logits=False, **vision)
+    types = token_types(input_ids, IMAGE_PAD, IMAGE_PAD + 1)
+    builtin, builtin_grads = _step(native, input_ids=input_ids, labels=labels, mm_token_type_ids=types, **vision)
+    _assert_same(chunked.loss, chunked_grads, full.loss, full_grads)
+    assert relative_error(chunked.loss, builtin.loss) < LOSS_TOL
+    checked = 0
+    for name, grad in chunked_grads.items():
+        reference = builtin_grads.get(name)
+        if reference is None or reference.abs().max() == 0:
+            continue
+        assert relative_error(grad, reference) < GRAD_TOL, name
+        checked += name.startswith("model.visual.")
+    assert checked >= 10  # the vision tower's gradients were compared too
+
+
+def test_peft_adapters_on_the_head_and_the_layers_get_the_same_gradients():
+    peft = pytest.importorskip("peft")
+    ours, _ = build_pair(tie_word_embeddings=False)
+    ours.loss_chunk_size = CHUNK
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj", "lm_head"])
+    config.init_lora_weights = False  # non-zero B, so every adapter matrix has a gradient
+    model = peft.get_peft_model(ours, config)
+    ids = _ids()
+    inputs = dict(input_ids=ids, labels=_labels(ids))
+    chunked, chunked_grads = _step(model, **inputs)
+    full, full_grads = _step(model, **inputs, skip_logits=False)
+    assert chunked.logits is None and full.logits is not None
+    assert any("lm_head.lora_A" in name for name in chunked_grads)
+    assert all(".lora_" in name for name in chunked_grads)  # only the adapters train
+    _assert_same(chunked.loss, chunked_grads, full.loss, full_grads)
+
+
+def test_trainer_trains_on_the_chunked_loss_and_evaluates_with_logits(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    ours, _ = build_pair(tie_word_embeddings=True)
+    ours.loss_chunk_size = CHUNK
+    rows = [dict(input_ids=row, labels=row) for row in _ids(batch=4, length=16).tolist()]
+    returned = []
+    ours.register_forward_hook(lambda module, args, output: returned.append((module.training, output.logits)))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, per_device_eval_batch_size=2,
+        learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = Trainer(model=ours, args=args, train_dataset=rows, eval_dataset=rows)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert [logits for training, logits in returned if training] == [None, None]
+    predictions = trainer.predict(rows)
+    assert predictions.predictions.shape == (4, 16, 99)
+    assert predictions.metrics["test_loss"] > 0
+    assert all(logits is not None for training, logits in returned if not training)
+
+
+# --- memory -----------------------------------------------------------------------------------------------------
+
+
+class LargestAllocation(TorchDispatchMode):
+    """The largest tensor (in elements) any op allocates while active: views of existing tensors do not count."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.largest = 0
+        self.largest_fp32_vocab_rows = 0  # rows of the largest fp32 tensor whose last dimension is the vocabulary
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(ret.alias_info is not None for ret in func._schema.returns):
+            return out  # a view or an in-place result: no new memory
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+                if tensor.dtype == torch.float32 and tensor.dim() >= 2 and tensor.shape[-1] == self.vocab_size:
+                    self.largest_fp32_vocab_rows = max(self.largest_fp32_vocab_rows, tensor.numel() // self.vocab_size)
+        return out
+
+
+def _largest_allocations(model, ids, **kwargs) -> tuple[LargestAllocation, int]:
+    """The allocation probe over forward + backward, and the rows of the largest tensor with a vocabulary-sized last
+    dimension that autograd keeps for backward (outside a checkpoint, whose recomputation needs none)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    vocab, saved_rows = model.config.vocab_size, [0]
+
+    def pack(tensor):
+        if tensor.dim() >= 2 and tensor.shape[-1] == vocab:
+            saved_rows[0] = max(saved_rows[0], tensor.numel() // vocab)
+        return tensor
+
+    with LargestAllocation(vocab) as probe:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(ids, labels=ids, **kwargs).loss
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return probe, saved_rows[0]
+
+
+def test_no_full_vocabulary_fp32_logits_are_ever_allocated(monkeypatch):
+    """Vocabulary 1000, 2 x 64 positions: full logits are 128,000 elements; every other tensor of the tiny model is
+    at most ~33,000. The default chunk size is bounded by CHUNK_ELEMENTS, lowered here to 16 rows' worth."""
+    vocab = 1000
+    ours, _ = build_pair(vocab_size=vocab, tie_word_embeddings=True)
+    ids = _ids(length=64, vocab=vocab)
+    full_logits = ids.numel() * vocab
+
+    materialised, saved_rows = _largest_allocations(ours, ids, skip_logits=False)
+    assert materialised.largest >= full_logits  # the probes see the full logits when they exist
+    assert materialised.largest_fp32_vocab_rows == saved_rows == ids.numel()
+
+    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 16 * vocab)
+    chunked, saved_rows = _largest_allocations(ours, ids)
+    assert chunked.largest_fp32_vocab_rows == 16  # one chunk's logits (and their gradient) at a time
+    assert chunked.largest < full_logits / 3
+    assert saved_rows == 0  # no chunk's logits are kept for backward: it recomputes them
