@@ -143,7 +143,7 @@ EOF
     command -v nvidia-smi >/dev/null && timeout 30 nvidia-smi || echo "nvidia-smi not available"
 } 2>&1 | tee "$OUT/env.txt"
 
-# 4. GPU tests (none yet: run tests/gpu when it exists).
+# 4. GPU tests: fla vs PyTorch path vs built-in (forward, backward, packed, cached decode) and MTP lossless.
 if [[ -d tests/gpu ]]; then
     log "running pytest -q tests/gpu"
     rc=0
@@ -158,8 +158,9 @@ fi
 log "running compare_native.py --device cuda --size 0.8B"
 rc=0
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of extra options
+# MTP: K = 2 with the random head (the cost of rejected drafts) and with always-right drafts (the ceiling).
 timeout "$(allow 300)" "$PY" benchmarks/compare_native.py --device cuda --size 0.8B --what prefill,decode,train \
-    --json-out "$OUT/compare_0.8B.json" $BENCH_ARGS 2>&1 | tee "$OUT/compare_0.8B.txt" || rc=$?
+    --mtp 2 --mtp-oracle --json-out "$OUT/compare_0.8B.json" $BENCH_ARGS 2>&1 | tee "$OUT/compare_0.8B.txt" || rc=$?
 log "compare_native rc $rc (124: cut short by the time budget; the JSON keeps the finished phases)"
 log "done in $((SECONDS - STARTED)) s"
 exit "$rc"

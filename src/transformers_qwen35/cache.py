@@ -148,7 +148,8 @@ class Qwen3_5HybridCache:
 def _states_after(step: tuple, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One Gated DeltaNet layer's (conv state, recurrent state) after the first ``kept[b]`` recorded tokens."""
     conv_state, recurrent_state, conv_input, q, k, v, g, beta = step
-    length = conv_input.shape[1]
+    length = int(kept.max())  # no row needs the tokens after the longest kept prefix
+    q, k, v, g, beta = (x[:, :length] for x in (q, k, v, g, beta))
     keep = torch.arange(length, device=kept.device)[None, :] < kept[:, None]  # (B, T)
     keep = keep.to(g.device)[..., None]
     _, recurrent = kernels.gated_delta_rule(

@@ -120,7 +120,8 @@ def mtp_generate(
     model.mtp_stats = run.stats
     sequences = run.sequences()
     if generation_config.return_dict_in_generate:
-        return GenerateDecoderOnlyOutput(sequences=sequences, **{CACHE_FIELD: run.cache})
+        # No cache: its attention layers hold the rejected drafts' holes, so it cannot be continued.
+        return GenerateDecoderOnlyOutput(sequences=sequences)
     return sequences
 
 
