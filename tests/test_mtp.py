@@ -108,6 +108,7 @@ def test_a_model_without_mtp_weights_says_so_before_any_compute(checkpoint):
         (dict(mtp_draft_tokens=-1), "non-negative integer"),
         (dict(mtp_draft_tokens=2, num_beams=2), "beam search"),
         (dict(mtp_draft_tokens=2, output_scores=True, return_dict_in_generate=True), "output_scores"),
+        (dict(mtp_draft_tokens=2, inputs_embeds=torch.zeros(1, 9, 64)), "input_ids"),
     ],
 )
 def test_requests_it_cannot_serve_are_refused_clearly(model, kwargs, message):

@@ -85,6 +85,8 @@ def check_request(model, draft_tokens, kwargs: dict) -> None:
                 f"{key}=True is not available with mtp_draft_tokens (tokens are scored several at a time); generate "
                 "with mtp_draft_tokens=0 for per-step outputs."
             )
+    if kwargs.get("inputs_embeds") is not None:
+        raise ValueError("mtp_draft_tokens needs input_ids (the head embeds the tokens itself), not inputs_embeds.")
     cache = kwargs.get(CACHE_FIELD, kwargs.get("past_key_values"))
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError(
