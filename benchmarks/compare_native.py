@@ -425,6 +425,9 @@ def bench_prefill(models, shapes, vocab, device, args) -> list[Result]:
     return out
 
 
+STATIC = f"{OURS} static"  # generate(..., cache_implementation="static"): fixed-shape state, CUDA graphs on a GPU
+
+
 def mtp_label(draft_tokens: int, oracle: bool = False) -> str:
     return f"{OURS} mtp K={draft_tokens}" + (" oracle" if oracle else "")
 
@@ -435,10 +438,14 @@ def bench_decode(models, batches, prompt, new, vocab, device, args) -> tuple[lis
     drafts that are always right (the tokens plain decoding produced: the ceiling at full acceptance)."""
     out, same_tokens, mtp_stats = [], {}, {}
     variants = {label: (model, {}) for label, model in models.items()}
+    static = dict(cache_implementation="static") if args.static else {}
+    if args.static:
+        variants[STATIC] = (models[OURS], dict(static))
     for draft_tokens in args.mtp:
-        variants[mtp_label(draft_tokens)] = (models[OURS], dict(mtp_draft_tokens=draft_tokens))
+        mtp = dict(static, mtp_draft_tokens=draft_tokens)
+        variants[mtp_label(draft_tokens)] = (models[OURS], mtp)
         if args.mtp_oracle:
-            variants[mtp_label(draft_tokens, True)] = (models[OURS], dict(mtp_draft_tokens=draft_tokens, oracle=True))
+            variants[mtp_label(draft_tokens, True)] = (models[OURS], dict(mtp, oracle=True))
     for batch in batches:
         ids = random_ids(batch, prompt, vocab, device, seed=prompt + batch)
         generated, stats = {}, {}
@@ -664,6 +671,8 @@ def ratios(results: list[Result]) -> tuple[dict, dict]:
             if label.startswith(f"{OURS} mtp") and builtin and result.tokens_per_s and builtin.tokens_per_s:
                 suffix = label.split("K=")[1].replace(" ", "_")
                 speed[f"{key}_mtp{suffix}"] = round(result.tokens_per_s / builtin.tokens_per_s, 3)
+            if label == STATIC and builtin and result.tokens_per_s and builtin.tokens_per_s:
+                speed[f"{key}_static"] = round(result.tokens_per_s / builtin.tokens_per_s, 3)
         ours, builtin = pair.get(OURS), pair.get(BUILTIN)
         if ours and builtin and ours.tokens_per_s and builtin.tokens_per_s:
             speed[key] = round(ours.tokens_per_s / builtin.tokens_per_s, 3)
@@ -685,6 +694,8 @@ def print_table(results: list[Result], speed: dict, memory: dict, memory_label: 
         if result.model.startswith(f"{OURS} mtp"):
             mtp_key = f"{result.key}_mtp{result.model.split('K=')[1].replace(' ', '_')}"
             ratio = _num(speed.get(mtp_key), 2) + "×" if speed.get(mtp_key) else ""
+        if result.model == STATIC:
+            ratio = _num(speed.get(f"{result.key}_static"), 2) + "×" if speed.get(f"{result.key}_static") else ""
         mem_ratio = _num(memory.get(result.key), 2) + "×" if is_ours and memory.get(result.key) else ""
         if result.error:
             row = f"FAILED: {result.error}", "—", "—"
@@ -727,6 +738,13 @@ def parse_args(argv=None):
         help="also decode with always-right drafts (the ceiling at full acceptance)",
     )
     parser.add_argument(
+        "--static",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also decode with cache_implementation='static' (CUDA graphs on a GPU), MTP rows on it too "
+        "(default: on for CUDA, off for CPU)",
+    )
+    parser.add_argument(
         "--guard-tolerance",
         type=float,
         help="relative RMS logits error that aborts (default 1e-3 fp32, 5e-2 bf16/fp16)",
@@ -745,6 +763,8 @@ def parse_args(argv=None):
         parser.error("--decode-new must be at least 2 (the step time is a difference of two generate calls)")
     if args.mtp is None:
         args.mtp = "1,2,3" if args.device == "cuda" else "2"
+    if args.static is None:
+        args.static = args.device == "cuda"
     try:
         args.mtp = [int(k) for k in args.mtp.split(",") if k.strip() and int(k) > 0]
     except ValueError:

@@ -17,6 +17,7 @@ Module attribute names are the checkpoint keys, so official weights load unchang
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 
@@ -278,7 +279,9 @@ class Qwen3_5GatedDeltaNet(nn.Module):
         )
         if cache is not None and cache.speculating:
             # Speculative verification: keep what it takes to stop the states after any prefix of these tokens.
-            cache.record_linear_step(self.layer_idx, conv_state, recurrent_state, conv_input, query, key, value, g, beta)
+            cache.record_linear_step(
+                self.layer_idx, conv_state, recurrent_state, conv_input, query, key, value, g, beta
+            )
         if cache is not None:
             cache.conv_states[self.layer_idx] = new_conv_state
             cache.recurrent_states[self.layer_idx] = new_recurrent_state
@@ -375,17 +378,22 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
                 "tokenizer_encode_kwargs={'enable_thinking': ...} (pipeline('image-text-to-text') takes it directly)."
             )
         draft_tokens = kwargs.pop("mtp_draft_tokens", 0)
-        if draft_tokens:
-            # Self-speculative decoding with the checkpoint's MTP head; transformers prepares, speculative.py decodes.
+        static = _static_cache_requested(self, kwargs)
+        if draft_tokens or static:
+            # Self-speculative decoding with the checkpoint's MTP head and/or fixed-shape decoding state (CUDA
+            # graphs on a GPU): transformers prepares the inputs, speculative.py runs the loop.
             from . import speculative
 
             speculative.check_request(self, draft_tokens, kwargs)
             if kwargs.get("custom_generate") is not None:
-                raise ValueError("mtp_draft_tokens cannot be combined with custom_generate.")
+                raise ValueError(
+                    "mtp_draft_tokens / cache_implementation='static' cannot be combined with custom_generate."
+                )
             # transformers hands a custom_generate callable neither the streamer nor synced_gpus: bind them here.
             decode = functools.partial(
                 speculative.mtp_generate,
                 draft_tokens=draft_tokens,
+                static=static,
                 streamer=kwargs.pop("streamer", None),
                 synced_gpus=kwargs.pop("synced_gpus", None),
             )
@@ -440,6 +448,24 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
         elif isinstance(module, Qwen3_5RMSNorm):
             init.zeros_(module.weight)
+
+
+def _static_cache_requested(model, kwargs: dict) -> bool:
+    """Whether ``generate()`` was asked for ``cache_implementation="static"`` (as an argument or in the generation
+    config). Ours is a static *hybrid* cache (static_decode.py): the request is taken out of what transformers sees,
+    which would otherwise build its attention-only StaticCache."""
+    requested = kwargs.pop("cache_implementation", None)
+    if requested not in (None, "static"):
+        kwargs["cache_implementation"] = requested
+        return False
+    config = kwargs.get("generation_config") or model.generation_config
+    if requested is None and getattr(config, "cache_implementation", None) == "static":
+        requested = "static"
+    if requested == "static" and getattr(config, "cache_implementation", None) == "static":
+        config = copy.deepcopy(config)
+        config.cache_implementation = None
+        kwargs["generation_config"] = config
+    return requested == "static"
 
 
 # The official vocabulary's end-of-turn and end-of-text ids: chat generation must stop at either.

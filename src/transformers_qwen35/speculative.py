@@ -39,6 +39,7 @@ from transformers.generation import (
 from .cache import Qwen3_5HybridCache
 from .modeling import CACHE_FIELD, _attention_mask
 from .mtp import mtp_head
+from .static_decode import GraphedBlock, StaticHybridCache, cuda_graphs_enabled, forward_block
 
 # Processors that ignore input_ids: these may score every drafted position in one call.
 POSITION_FREE_PROCESSORS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
@@ -70,30 +71,32 @@ def check_request(model, draft_tokens, kwargs: dict) -> None:
     """Refuse, before any compute, what the speculative loop cannot do."""
     if not isinstance(draft_tokens, int) or isinstance(draft_tokens, bool) or draft_tokens < 0:
         raise ValueError(f"mtp_draft_tokens must be a non-negative integer (0 = plain decoding), got {draft_tokens!r}.")
+    what = "mtp_draft_tokens" if draft_tokens else "cache_implementation='static'"
     config = kwargs.get("generation_config") or model.generation_config
 
     def setting(key, default=None):
         return kwargs[key] if key in kwargs else getattr(config, key, default)
 
     if (setting("num_beams") or 1) > 1:
-        raise ValueError("mtp_draft_tokens cannot be combined with beam search (num_beams > 1): use one or the other.")
+        raise ValueError(f"{what} cannot be combined with beam search (num_beams > 1): use one or the other.")
     if kwargs.get("assistant_model") is not None or setting("prompt_lookup_num_tokens"):
-        raise ValueError("mtp_draft_tokens is speculative decoding already: drop assistant_model / prompt lookup.")
+        raise ValueError(f"{what} cannot be combined with assistant_model / prompt lookup decoding.")
     for key in UNSUPPORTED_OUTPUTS:
         if setting(key, False):
             raise ValueError(
-                f"{key}=True is not available with mtp_draft_tokens (tokens are scored several at a time); generate "
-                "with mtp_draft_tokens=0 for per-step outputs."
+                f"{key}=True is not available with {what} (per-step outputs are not kept); generate without it for "
+                "per-step outputs."
             )
     if kwargs.get("inputs_embeds") is not None:
-        raise ValueError("mtp_draft_tokens needs input_ids (the head embeds the tokens itself), not inputs_embeds.")
+        raise ValueError(f"{what} needs input_ids, not inputs_embeds.")
     cache = kwargs.get(CACHE_FIELD, kwargs.get("past_key_values"))
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError(
-            "mtp_draft_tokens starts from a fresh prompt: continuing a cache is not supported. Pass the whole "
-            "conversation as input_ids instead."
+            f"{what} starts from a fresh prompt: continuing a cache is not supported. Pass the whole conversation as "
+            "input_ids instead."
         )
-    mtp_head(model)  # a missing head is reported now, not after the prefill
+    if draft_tokens:
+        mtp_head(model)  # a missing head is reported now, not after the prefill
 
 
 def mtp_generate(
@@ -106,14 +109,17 @@ def mtp_generate(
     streamer=None,
     *,
     draft_tokens: int,
+    static: bool = False,
     **model_kwargs,
 ):
-    """The decoding loop (called by ``generate()`` with its prepared arguments; see the module docstring)."""
+    """The decoding loop (called by ``generate()`` with its prepared arguments; see the module docstring).
+    ``static``: decode with fixed-shape state (``static_decode.py``), replayed as CUDA graphs on a GPU."""
     if synced_gpus:
-        raise ValueError("mtp_draft_tokens does not support synced_gpus (DeepSpeed ZeRO-3 / FSDP generation).")
+        raise ValueError("mtp_draft_tokens / static decoding do not support synced_gpus (ZeRO-3 / FSDP generation).")
     if streamer is not None:
         streamer.put(input_ids.cpu())  # the prompt first, as plain generate() does
     run = _Run(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, draft_tokens)
+    run.static = static
     run.prefill(model_kwargs)
     while run.unfinished.any():
         run.round()
@@ -132,7 +138,8 @@ class _Run:
 
     def __init__(self, model, input_ids, processors, criteria, generation_config, streamer, draft_tokens):
         self.model, self.K, self.streamer = model, draft_tokens, streamer
-        self.head = mtp_head(model)
+        self.head = mtp_head(model) if draft_tokens else None
+        self.static, self._graphs = False, {}
         self.text_model = model.model.language_model if hasattr(model.model, "language_model") else model.model
         self.processors, self.criteria = processors, criteria
         self.greedy = not generation_config.do_sample
@@ -191,6 +198,11 @@ class _Run:
         first = self._choose(scores)
         self._commit(first[:, None], torch.ones_like(self.count))
         self.last = first
+        if self.static:
+            capacity = self.prompt_length + self.max_new + self.K + 1
+            self.cache = StaticHybridCache.from_prefill(self.cache, valid, capacity, self.text_model.config)
+        if not self.K:
+            return
 
         # The MTP head reads pairs (H[t], token[t + 1]): the prompt shifted by one, then the token just chosen.
         self.mtp_cache = self.head.new_cache()
@@ -219,23 +231,16 @@ class _Run:
         return rope.unsqueeze(0).expand(3, -1, -1)
 
     def round(self) -> None:
-        K, batch = self.K, self.prompt.shape[0]
+        K = self.K
         steps = torch.arange(K + 1, device=self.device)
         drafts, draft_scores = self.draft()
 
-        # Verification: one main-model pass over [last, d_1..d_K].
+        # Verification: one main-model pass over [last, d_1..d_K] (plain decoding: [last]).
         block = torch.cat([self.last[:, None], drafts], 1)
         positions = self.position[:, None] + steps
-        key_valid = torch.cat([self.key_valid, torch.ones(batch, K + 1, dtype=torch.bool, device=self.device)], 1)
-        self.cache.speculating = True
+        self.cache.speculating = K > 0
         try:
-            hidden = self.model.model(
-                input_ids=block,
-                attention_mask=None if bool(key_valid.all()) else key_valid,
-                position_ids=positions,
-                cache=self.cache,
-                use_cache=True,
-            ).last_hidden_state
+            hidden = self._forward_block(block, positions)
         finally:
             self.cache.speculating = False
         logits = self.model.lm_head(hidden).float()  # (B, K + 1, V)
@@ -243,7 +248,7 @@ class _Run:
 
         accepted, bonus = self._accept(drafts, draft_scores, target_scores)
         kept = accepted + 1  # tokens of the block the main model's state keeps: last, d_1..d_accepted
-        new_tokens = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, accepted[:, None], bonus[:, None])
+        new_tokens = torch.cat([drafts, bonus[:, None]], 1).scatter(1, accepted[:, None], bonus[:, None])
         live = self.unfinished.clone()
         self.stats.rounds += 1
         self.stats.drafted += int(live.sum()) * K
@@ -252,23 +257,50 @@ class _Run:
         self.stats.emitted += int(emitted[live].sum())
 
         # States after each row's kept tokens; dropped positions become holes in the attention caches.
+        self.position = self.position + kept
+        self.last = bonus
+        if not K:
+            if self.static:
+                self.cache.advance(1)
+            return
         self.cache.keep_speculated(kept)
         longest = int(kept.max())
-        self.key_valid = torch.cat([self.key_valid, steps[None, :longest] < kept[:, None]], 1)
+        if not self.static:
+            self.key_valid = torch.cat([self.key_valid, steps[None, :longest] < kept[:, None]], 1)
         # The MTP head takes (H[t], token[t + 1]) for the kept positions: the next draft comes from the last one.
         self.mtp_valid = torch.cat([self.mtp_valid, steps[None, :] < kept[:, None]], 1)
         out = self._mtp(hidden, new_tokens, self._rope(positions), self.mtp_valid)
         self.mtp_out = out.gather(1, accepted[:, None, None].expand(-1, 1, out.shape[-1]))
         self.mtp_cache.trim_attention(self.mtp_cache.get_seq_length() - (K + 1 - longest))
         self.mtp_valid = self.mtp_valid[:, : self.mtp_valid.shape[1] - (K + 1 - longest)]
-        self.position = self.position + kept
-        self.last = bonus
+
+    def _forward_block(self, block, positions):
+        """The main model's final hidden states for ``block`` ``(B, T)`` at text positions ``(B, T)``."""
+        if self.static:
+            rope = self._rope(positions)
+            if self.device.type == "cuda" and cuda_graphs_enabled():
+                length = block.shape[1]
+                if length not in self._graphs:
+                    self._graphs[length] = GraphedBlock(self.model, self.cache, length)
+                return self._graphs[length](block, rope).clone()
+            return forward_block(self.model, self.cache, block, rope)
+        batch, length = block.shape
+        key_valid = torch.cat([self.key_valid, torch.ones(batch, length, dtype=torch.bool, device=self.device)], 1)
+        return self.model.model(
+            input_ids=block,
+            attention_mask=None if bool(key_valid.all()) else key_valid,
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=True,
+        ).last_hidden_state
 
     def draft(self):
         """``K`` drafts ``(B, K)`` and the scores they were chosen from ``(B, K, V)``. The first comes from the MTP
         output of the last round; each further one feeds the head its own output and the previous draft, one
         position on. Those extra slots of the head's cache are forgotten afterwards."""
         batch = self.prompt.shape[0]
+        if not self.K:
+            return self.last.new_zeros(batch, 0), None
         mtp_length = self.mtp_cache.get_seq_length()
         drafts, draft_scores = [], []
         out = self.mtp_out
@@ -324,6 +356,8 @@ class _Run:
         """Number of drafts accepted per row ``(B,)`` and the main model's own next token ``(B,)``."""
         K = self.K
         rows = torch.arange(drafts.shape[0], device=self.device)
+        if not K:  # plain decoding: the main model's own token
+            return torch.zeros_like(rows), self._choose(target_scores[:, 0])
         if self.greedy:
             choice = target_scores.argmax(-1)  # (B, K + 1)
             agree = (choice[:, :K] == drafts).long()

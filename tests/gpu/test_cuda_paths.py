@@ -100,8 +100,9 @@ def test_cached_decode_on_fla_matches_a_full_forward(monkeypatch):
     assert relative_error(torch.cat(steps, 1), full[:, 90:]) < 2e-2
 
 
-def test_mtp_greedy_is_lossless_on_the_gpu(tmp_path, monkeypatch):
-    """generate(mtp_draft_tokens=K) against plain decoding, in fp32 (tf32 off) so that ties cannot differ."""
+@pytest.fixture(scope="module")
+def official_tiny(tmp_path_factory):
+    """A tiny official-layout checkpoint (MTP head included) on the GPU in fp32, TF32 off so that ties cannot differ."""
     from transformers import AutoModelForCausalLM
 
     from transformers_qwen35.checkpoint import write_random_checkpoint
@@ -112,16 +113,63 @@ def test_mtp_greedy_is_lossless_on_the_gpu(tmp_path, monkeypatch):
     config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
     for key in ("linear_key_head_dim", "linear_value_head_dim"):
         setattr(config.text_config, key, 32)
-    write_random_checkpoint(tmp_path, config, seed=5)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).to(DEVICE).eval()
-    _with_kernels(monkeypatch, "auto")
+    directory = write_random_checkpoint(tmp_path_factory.mktemp("gpu"), config, seed=5)
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(DEVICE).eval()
+
+
+def _batch():
     ids = _ids(3, 40, seed=6)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     mask[2, :11] = 0
-    reference = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    return ids, mask
+
+
+def _generate(model, **kwargs):
+    ids, mask = _batch()
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0, **kwargs)
+
+
+def test_mtp_greedy_is_lossless_on_the_gpu(official_tiny, monkeypatch):
+    _with_kernels(monkeypatch, "auto")
+    reference = _generate(official_tiny)
     for draft_tokens in (1, 2, 3, 4):
-        out = model.generate(
-            ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0, mtp_draft_tokens=draft_tokens
-        )
-        assert torch.equal(out, reference), draft_tokens
+        assert torch.equal(_generate(official_tiny, mtp_draft_tokens=draft_tokens), reference), draft_tokens
+
+
+def test_static_decoding_with_cuda_graphs_equals_plain_decoding(official_tiny, monkeypatch):
+    from transformers_qwen35.static_decode import CUDA_GRAPHS_ENV
+
+    _with_kernels(monkeypatch, "auto")
+    reference = _generate(official_tiny)
+    for graphs in ("1", "0"):
+        monkeypatch.setenv(CUDA_GRAPHS_ENV, graphs)
+        for draft_tokens in (0, 2):
+            out = _generate(official_tiny, cache_implementation="static", mtp_draft_tokens=draft_tokens)
+            assert torch.equal(out, reference), (graphs, draft_tokens)
+
+
+def test_a_graph_replay_equals_the_eager_block(official_tiny):
+    from transformers_qwen35.cache import Qwen3_5HybridCache
+    from transformers_qwen35.static_decode import GraphedBlock, StaticHybridCache, forward_block
+
+    model = official_tiny
+    ids, mask = _batch()
+    with torch.no_grad():
+        dynamic = Qwen3_5HybridCache(model.config)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        model.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=dynamic, use_cache=True)
+        eager = StaticHybridCache.from_prefill(dynamic, mask.bool(), 64, model.config)
+        graphed = StaticHybridCache.from_prefill(dynamic, mask.bool(), 64, model.config)
+        runner = GraphedBlock(model, graphed, 1)
+        position = mask.sum(-1, keepdim=True)
+        for step in range(4):
+            block = _ids(3, 1, seed=10 + step)
+            rope = position[None].expand(3, -1, -1)
+            expected = forward_block(model, eager, block, rope)
+            got = runner(block, rope)
+            assert relative_error(got, expected) < 1e-5, step
+            eager.advance(1)
+            graphed.advance(1)
+            position = position + 1

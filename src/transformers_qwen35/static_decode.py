@@ -1,0 +1,208 @@
+"""Decoding with fixed-shape state: a preallocated hybrid cache, a lean block forward, and (on CUDA) one CUDA graph
+replayed per decoding step.
+
+Why: a decode step of the 0.8B model is ~24 layers of small kernels. Launched one by one from Python, as built-in
+transformers does, a step takes ~35 ms on an H100 whose memory could read every weight in ~0.5 ms. Replaying the whole
+step as one captured CUDA graph removes the launch and Python overhead; that needs every tensor the step touches to
+keep its address and shape from one step to the next:
+
+* ``StaticHybridCache``: Gated DeltaNet conv / recurrent states updated in place; attention keys and values written
+  into ``(B, n_kv, capacity, d)`` buffers at the current slot; which slots hold real keys is a ``(B, capacity)`` mask
+  (left padding, and the holes rejected MTP drafts leave), so attention always spans the whole buffer;
+* ``forward_block``: the text model's layers over a block of ``T`` new tokens per row (1 for plain decoding, K + 1
+  for MTP verification) with the mask built on the device, no host synchronisation and no data-dependent Python;
+* ``GraphedBlock``: captures ``forward_block`` for one block length and replays it (CUDA only).
+
+Used by ``speculative.py``'s loop for ``generate(..., cache_implementation="static")`` (plain decoding) and for
+``mtp_draft_tokens``; the prompt itself runs through the ordinary forward, whose cache is then copied in.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .cache import Qwen3_5HybridCache, _states_after
+
+CUDA_GRAPHS_ENV = "TRANSFORMERS_QWEN35_CUDA_GRAPHS"
+
+
+def cuda_graphs_enabled() -> bool:
+    """Static decoding on CUDA replays CUDA graphs unless ``TRANSFORMERS_QWEN35_CUDA_GRAPHS=0``."""
+    return os.environ.get(CUDA_GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class _InPlaceList(list):
+    """Assigning to an entry copies into the existing buffer, so a captured graph keeps reading the same memory."""
+
+    def __setitem__(self, index, value):
+        buffer = list.__getitem__(self, index)
+        if buffer is not value:
+            buffer.copy_(value)
+
+
+class StaticHybridCache(Qwen3_5HybridCache):
+    """Fixed-shape version of :class:`Qwen3_5HybridCache` for ``batch`` rows and ``capacity`` positions."""
+
+    is_compileable = True
+
+    def __init__(self, config, batch: int, capacity: int, dtype: torch.dtype, device):
+        super().__init__(config)
+        self.capacity = capacity
+        conv_dim = 2 * config.linear_num_key_heads * config.linear_key_head_dim
+        conv_dim += config.linear_num_value_heads * config.linear_value_head_dim
+        for i, is_linear in enumerate(self.is_linear):
+            if is_linear:
+                self.conv_states[i] = torch.zeros(
+                    batch, conv_dim, config.linear_conv_kernel_dim, dtype=dtype, device=device
+                )
+                self.recurrent_states[i] = torch.zeros(
+                    batch, config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim,
+                    dtype=torch.float32, device=device,
+                )  # fmt: skip
+            else:
+                shape = (batch, config.num_key_value_heads, capacity, config.head_dim)
+                self.key_cache[i] = torch.zeros(shape, dtype=dtype, device=device)
+                self.value_cache[i] = torch.zeros(shape, dtype=dtype, device=device)
+        self.conv_states = _InPlaceList(self.conv_states)
+        self.recurrent_states = _InPlaceList(self.recurrent_states)
+        self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # first slot the next block writes
+
+    @classmethod
+    def from_prefill(cls, cache: Qwen3_5HybridCache, key_valid: torch.Tensor, capacity: int, config):
+        """Copy a prompt's dynamic cache in; ``key_valid`` ``(B, P)`` marks the prompt's real (unpadded) tokens."""
+        batch, length = key_valid.shape
+        if capacity < length:
+            raise ValueError(f"capacity {capacity} is smaller than the prompt ({length} positions).")
+        reference = next(state for state in cache.key_cache if state is not None)
+        static = cls(config, batch, capacity, reference.dtype, reference.device)
+        for i, is_linear in enumerate(static.is_linear):
+            if is_linear:
+                static.conv_states[i] = cache.conv_states[i]
+                static.recurrent_states[i] = cache.recurrent_states[i]
+            else:
+                static.key_cache[i][:, :, :length] = cache.key_cache[i]
+                static.value_cache[i][:, :, :length] = cache.value_cache[i]
+        static.key_valid[:, :length] = key_valid
+        static.slot.fill_(length)
+        static.seen_tokens = length
+        static.rope_deltas = cache.rope_deltas
+        return static
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        """Write this block's keys and values at the current slots; return the whole buffers."""
+        slots = self.slot + torch.arange(key.shape[2], device=key.device)
+        self.key_cache[layer_idx].index_copy_(2, slots, key)
+        self.value_cache[layer_idx].index_copy_(2, slots, value)
+        return self.key_cache[layer_idx], self.value_cache[layer_idx]
+
+    def block_mask(self, length: int) -> torch.Tensor:
+        """Boolean ``(B, 1, length, capacity)``: query ``t`` of the block sees the real keys up to its own slot."""
+        slots = torch.arange(self.capacity, device=self.slot.device)
+        reach = self.slot + torch.arange(length, device=self.slot.device)  # (T,)
+        causal = slots[None, :] <= reach[:, None]  # (T, capacity)
+        block = (slots >= self.slot) & (slots < self.slot + length)  # the block's own keys, not yet marked valid
+        return (causal[None] & (self.key_valid | block[None, :])[:, None, :])[:, None]
+
+    def record_linear_step(self, layer_idx, conv_state, recurrent_state, *inputs) -> None:
+        # The buffers are about to be overwritten in place: keep copies of the states the block started from.
+        super().record_linear_step(layer_idx, conv_state.clone(), recurrent_state.clone(), *inputs)
+
+    def advance(self, length: int) -> None:
+        """Mark a block of ``length`` new slots as written by every row (plain decoding)."""
+        slots = self.slot + torch.arange(length, device=self.slot.device)
+        self.key_valid.index_fill_(1, slots, True)
+        self.slot += length
+        self.seen_tokens += length
+
+    def keep_speculated(self, kept: torch.Tensor) -> None:
+        """As the dynamic cache's, with slots instead of a growing tensor: dropped slots become holes (invalid keys)
+        and the next block writes after the longest kept prefix."""
+        length = next(iter(self._linear_steps.values()))[2].shape[1] if self._linear_steps else None
+        if length is None:
+            raise RuntimeError("keep_speculated() needs a forward run with cache.speculating = True first.")
+        kept = kept.to(torch.long)
+        if not bool((kept == length).all()):
+            for layer_idx, step in self._linear_steps.items():
+                self.conv_states[layer_idx], self.recurrent_states[layer_idx] = _states_after(step, kept)
+        steps = torch.arange(length, device=self.slot.device)
+        written = self.slot + steps
+        self.key_valid.index_copy_(1, written, steps[None, :] < kept[:, None].to(self.slot.device))
+        longest = int(kept.max())
+        self.slot += longest
+        self.seen_tokens += longest
+        self._linear_steps.clear()
+
+    def trim_attention(self, length: int) -> None:
+        raise NotImplementedError("StaticHybridCache keeps its slots: use keep_speculated().")
+
+
+def forward_block(model, cache: StaticHybridCache, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Final hidden states ``(B, T, h)`` of a block ``ids`` ``(B, T)`` at rope positions ``positions`` ``(3, B, T)``,
+    reading and writing ``cache`` at its current slot. Does not move the slot (the caller does: ``advance`` or
+    ``keep_speculated``)."""
+    text = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    hidden = text.embed_tokens(ids)
+    position_embeddings = text.rotary_emb(hidden, positions)
+    mask = cache.block_mask(ids.shape[1])
+    for layer in text.layers:
+        hidden, _ = layer(hidden, position_embeddings=position_embeddings, attention_mask=mask, cache=cache)
+    return text.norm(hidden)
+
+
+class GraphedBlock:
+    """``forward_block`` for one block length, captured once as a CUDA graph and replayed.
+
+    Inputs are copied into static tensors before each replay; the returned hidden states are the graph's own output
+    tensor (overwritten by the next replay: use or copy them first). What Gated DeltaNet layers record for MTP
+    rollback is captured too: the recorded tensors are graph outputs, refreshed by every replay.
+    """
+
+    def __init__(self, model, cache: StaticHybridCache, length: int, warmup: int = 2):
+        if cache.slot.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model and cache on a CUDA device.")
+        batch = cache.key_valid.shape[0]
+        device = cache.slot.device
+        self.cache, self.length = cache, length
+        self.ids = torch.zeros(batch, length, dtype=torch.long, device=device)
+        self.positions = torch.zeros(3, batch, length, dtype=torch.long, device=device)
+        # Warm-up runs execute for real (Triton compiles, autotunes): run them on a copy of the state and restore it.
+        saved = _snapshot(cache)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                forward_block(model, cache, self.ids, self.positions)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.hidden = forward_block(model, cache, self.ids, self.positions)
+        self.recorded = dict(cache._linear_steps)
+        _restore(cache, saved)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        if self.cache.speculating:
+            self.cache._linear_steps.update(self.recorded)
+        return self.hidden
+
+
+def _snapshot(cache: StaticHybridCache) -> list[torch.Tensor]:
+    return [t.clone() for t in _buffers(cache)]
+
+
+def _restore(cache: StaticHybridCache, saved: list[torch.Tensor]) -> None:
+    for buffer, value in zip(_buffers(cache), saved):
+        buffer.copy_(value)
+    cache._linear_steps.clear()
+
+
+def _buffers(cache: StaticHybridCache) -> list[torch.Tensor]:
+    states = [list.__getitem__(cache.conv_states, i) for i in range(len(cache.conv_states))]
+    states += [list.__getitem__(cache.recurrent_states, i) for i in range(len(cache.recurrent_states))]
+    states += cache.key_cache + cache.value_cache + [cache.key_valid, cache.slot]
+    return [t for t in states if t is not None]
