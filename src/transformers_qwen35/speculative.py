@@ -17,6 +17,9 @@ stopping criteria see, for every scored position, exactly the ``input_ids`` plai
 Greedy output equals ``mtp_draft_tokens=0`` (plain ``generate()``) token for token, up to floating-point ties: the
 main model scores drafted tokens in one multi-token forward instead of one token at a time.
 
+The same loop with K = 0 is plain decoding; with ``cache_implementation="static"`` it runs on the fixed-shape state
+of ``static_decode.py`` (CUDA graphs on a GPU), with or without drafts.
+
 This is a ``custom_generate`` for transformers' ``generate()``: transformers prepares the generation config, inputs,
 logits processors and stopping criteria; this module runs the decoding loop.
 """
