@@ -520,8 +520,8 @@ def oracle_drafts(reference: torch.Tensor, prompt_length: int):
 
     original = speculative._Run.draft
 
-    def draft(run):
-        done = run.count[:, None] + torch.arange(run.K, device=run.device)[None, :]
+    def draft(run, k):
+        done = run.count[:, None] + torch.arange(k, device=run.device)[None, :]
         index = (prompt_length + done).clamp(max=reference.shape[1] - 1)
         drafts = reference.gather(1, index.to(reference.device)).to(run.device)
         return drafts, torch.zeros(*drafts.shape, 1, device=run.device)  # greedy: the scores are not read

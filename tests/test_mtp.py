@@ -60,17 +60,19 @@ def _scripted_drafts(monkeypatch, reference, prompt_length, mistakes):
     """Replace the MTP drafts with the reference continuation, wrong wherever ``mistakes(row, round, j)`` says."""
     rounds = {}
 
-    def draft(run):
+    def draft(run, k):
         batch = run.prompt.shape[0]
-        drafts = torch.empty(batch, run.K, dtype=torch.long)
+        if not k:
+            return torch.zeros(batch, 0, dtype=torch.long), None
+        drafts = torch.empty(batch, k, dtype=torch.long)
         for row in range(batch):
             done = int(run.count[row])
             count = rounds[row] = rounds.get(row, -1) + 1
-            for j in range(run.K):
+            for j in range(k):
                 index = prompt_length + done + j
                 token = int(reference[row, index]) if index < reference.shape[1] else 0
                 drafts[row, j] = (token + 1) % VOCAB if mistakes(row, count, j) else token
-        scores = torch.full((batch, run.K, VOCAB), -1e4)
+        scores = torch.full((batch, k, VOCAB), -1e4)
         scores.scatter_(2, drafts[..., None], 0.0)
         return drafts, scores
 
@@ -234,6 +236,28 @@ def test_lossless_on_the_fla_call_path(model, monkeypatch):
     kernels._load_fla.cache_clear()
 
 
+def test_drafting_pauses_while_drafts_do_not_pay_and_resumes_when_they_do():
+    schedule = speculative.DraftSchedule(enabled=True)
+    pattern = []
+    for accepted in [0.0, 0.0, 0.0, 0.0, 2.0, 0.0]:
+        while not schedule.drafting():
+            pattern.append("-")
+        pattern.append("d")
+        schedule.update(accepted)
+    # poor rounds pause drafting for 1, 2, 4, 8 rounds; a good one resets the pause to 1
+    assert "".join(pattern) == "d-d--d----d--------dd"
+    assert not speculative.DraftSchedule(enabled=False).drafting()
+
+
+def test_random_heads_drafts_are_mostly_skipped_and_output_is_unchanged(model):
+    ids, mask = _prompts(1, seed=9)
+    reference = _generate(model, ids, mask, max_new_tokens=40)
+    assert torch.equal(_generate(model, ids, mask, max_new_tokens=40, mtp_draft_tokens=2), reference)
+    stats = model.mtp_stats
+    assert stats.accepted == 0  # random weights: the head never agrees here
+    assert stats.drafted // 2 < stats.rounds / 3  # most rounds ran without drafts
+
+
 # --- the states a partial acceptance leaves -------------------------------------------------------------------------
 
 
@@ -335,10 +359,11 @@ def test_the_acceptance_rule_draws_from_the_target_distribution():
     assert 0.1 < kept_first.float().mean() < 0.9  # both branches ran
 
 
-def test_speculative_sampling_through_the_model_keeps_its_distribution(model):
+def test_speculative_sampling_through_the_model_keeps_its_distribution(model, monkeypatch):
     """Three tokens sampled with top_k=4 (64 possible continuations) from 6,000 rows at once with K = 2: the counts
     fit the model's exact probabilities (chi-square, 63 degrees of freedom: the 0.999 quantile is about 103.4). The
     head is set to pass the main model's hidden state through, so its drafts overlap the target and some pass."""
+    monkeypatch.setattr(speculative.DraftSchedule, "MIN_ACCEPTED", 0.0)  # draft every round, however few pass
     head = mtp_head(model)
     saved = {name: value.clone() for name, value in head.state_dict().items()}
     h = model.config.hidden_size

@@ -54,10 +54,10 @@ class MTPStats:
     """What the last ``generate(..., mtp_draft_tokens=K)`` did, summed over rows (``model.mtp_stats``)."""
 
     draft_tokens: int
-    rounds: int = 0  # main-model passes after the prefill
-    drafted: int = 0  # drafts scored by the main model (rows still generating x K per round)
+    rounds: int = 0  # main-model passes after the prefill, with or without drafts (see DraftSchedule)
+    drafted: int = 0  # drafts scored by the main model (rows still generating x K per drafting round)
     accepted: int = 0  # of which accepted
-    emitted: int = 0  # tokens kept after the prefill's first, accepted drafts plus the main model's own
+    emitted: int = 0  # tokens kept in drafting rounds: accepted drafts plus the main model's own
 
     @property
     def acceptance_rate(self) -> float:
@@ -65,9 +65,40 @@ class MTPStats:
 
     @property
     def tokens_per_pass(self) -> float:
-        """Tokens kept per row per main-model pass (1.0 = plain decoding, at most K + 1)."""
+        """Tokens kept per row per drafting main-model pass (1.0 = no gain, at most K + 1)."""
         row_rounds = self.drafted / self.draft_tokens if self.draft_tokens else 0
         return self.emitted / row_rounds if row_rounds else 0.0
+
+
+class DraftSchedule:
+    """When to draft. A drafting round costs the head's passes and a longer verification; it pays only when drafts
+    are accepted. After a round that accepts fewer than ``MIN_ACCEPTED`` drafts per row on average, drafting pauses
+    for 1 round, then 2, 4 ... up to ``MAX_PAUSE`` after each further poor round, and resumes at once after a good
+    one. So a head that rarely agrees (random weights, unusual text) costs little, and one that agrees is used at
+    every round. Only speed depends on this: the output is the main model's either way."""
+
+    MIN_ACCEPTED = 0.5
+    MAX_PAUSE = 32
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.pause = 0  # rounds to go without drafts
+        self.next_pause = 1
+
+    def drafting(self) -> bool:
+        if not self.enabled:
+            return False
+        if self.pause:
+            self.pause -= 1
+            return False
+        return True
+
+    def update(self, mean_accepted: float) -> None:
+        if mean_accepted >= self.MIN_ACCEPTED:
+            self.next_pause = 1
+            return
+        self.pause = self.next_pause
+        self.next_pause = min(2 * self.next_pause, self.MAX_PAUSE)
 
 
 def check_request(model, draft_tokens, kwargs: dict) -> None:
@@ -166,6 +197,7 @@ class _Run:
         self.limit = self.max_new
         self.unfinished = self._generating()
         self.stats = MTPStats(draft_tokens=self.K)
+        self.schedule = DraftSchedule(enabled=draft_tokens > 0)
         self._fast_criteria = all(isinstance(c, (EosTokenCriteria, MaxLengthCriteria)) for c in criteria)
         eos = [c.eos_token_id for c in criteria if isinstance(c, EosTokenCriteria)]
         self.eos = torch.cat([e.reshape(-1) for e in eos]).to(self.device) if eos else None
@@ -234,19 +266,19 @@ class _Run:
         return rope.unsqueeze(0).expand(3, -1, -1)
 
     def round(self) -> None:
-        K = self.K
-        steps = torch.arange(K + 1, device=self.device)
-        drafts, draft_scores = self.draft()
+        k = self.K if self.schedule.drafting() else 0  # drafts this round
+        steps = torch.arange(k + 1, device=self.device)
+        drafts, draft_scores = self.draft(k)
 
-        # Verification: one main-model pass over [last, d_1..d_K] (plain decoding: [last]).
+        # Verification: one main-model pass over [last, d_1..d_k] (no drafts: [last], plain decoding).
         block = torch.cat([self.last[:, None], drafts], 1)
         positions = self.position[:, None] + steps
-        self.cache.speculating = K > 0
+        self.cache.speculating = k > 0
         try:
             hidden = self._forward_block(block, positions)
         finally:
             self.cache.speculating = False
-        logits = self.model.lm_head(hidden).float()  # (B, K + 1, V)
+        logits = self.model.lm_head(hidden).float()  # (B, k + 1, V)
         target_scores = self._score(logits, drafts=drafts)
 
         accepted, bonus = self._accept(drafts, draft_scores, target_scores)
@@ -254,28 +286,32 @@ class _Run:
         new_tokens = torch.cat([drafts, bonus[:, None]], 1).scatter(1, accepted[:, None], bonus[:, None])
         live = self.unfinished.clone()
         self.stats.rounds += 1
-        self.stats.drafted += int(live.sum()) * K
-        self.stats.accepted += int(accepted[live].sum())
-        emitted = self._commit(new_tokens, kept)
-        self.stats.emitted += int(emitted[live].sum())
+        if k:
+            self.stats.drafted += int(live.sum()) * k
+            self.stats.accepted += int(accepted[live].sum())
+            self.stats.emitted += int(kept[live].sum())
+            self.schedule.update(float(accepted[live].float().mean()) if bool(live.any()) else 0.0)
+        self._commit(new_tokens, kept)
 
         # States after each row's kept tokens; dropped positions become holes in the attention caches.
         self.position = self.position + kept
         self.last = bonus
-        if not K:
-            if self.static:
-                self.cache.advance(1)
-            return
-        self.cache.keep_speculated(kept)
-        longest = int(kept.max())
+        if k:
+            self.cache.keep_speculated(kept)
+        elif self.static:
+            self.cache.advance(1)
+        longest = int(kept.max()) if k else 1
         if not self.static:
             self.key_valid = torch.cat([self.key_valid, steps[None, :longest] < kept[:, None]], 1)
+        if not self.K:
+            return
         # The MTP head takes (H[t], token[t + 1]) for the kept positions: the next draft comes from the last one.
+        # Rounds without drafts feed it too, so that its cache stays complete for the next drafting round.
         self.mtp_valid = torch.cat([self.mtp_valid, steps[None, :] < kept[:, None]], 1)
         out = self._mtp(hidden, new_tokens, self._rope(positions), self.mtp_valid)
         self.mtp_out = out.gather(1, accepted[:, None, None].expand(-1, 1, out.shape[-1]))
-        self.mtp_cache.trim_attention(self.mtp_cache.get_seq_length() - (K + 1 - longest))
-        self.mtp_valid = self.mtp_valid[:, : self.mtp_valid.shape[1] - (K + 1 - longest)]
+        self.mtp_cache.trim_attention(self.mtp_cache.get_seq_length() - (k + 1 - longest))
+        self.mtp_valid = self.mtp_valid[:, : self.mtp_valid.shape[1] - (k + 1 - longest)]
 
     def _forward_block(self, block, positions):
         """The main model's final hidden states for ``block`` ``(B, T)`` at text positions ``(B, T)``."""
@@ -297,23 +333,23 @@ class _Run:
             use_cache=True,
         ).last_hidden_state
 
-    def draft(self):
-        """``K`` drafts ``(B, K)`` and the scores they were chosen from ``(B, K, V)``. The first comes from the MTP
+    def draft(self, k: int):
+        """``k`` drafts ``(B, k)`` and the scores they were chosen from ``(B, k, V)``. The first comes from the MTP
         output of the last round; each further one feeds the head its own output and the previous draft, one
         position on. Those extra slots of the head's cache are forgotten afterwards."""
         batch = self.prompt.shape[0]
-        if not self.K:
+        if not k:
             return self.last.new_zeros(batch, 0), None
         mtp_length = self.mtp_cache.get_seq_length()
         drafts, draft_scores = [], []
         out = self.mtp_out
-        for j in range(self.K):
+        for j in range(k):
             logits = self.model.lm_head(out).float()[:, 0]
             scores = self._score(logits[:, None], drafts=torch.stack(drafts, 1) if drafts else None, offset=j)[:, 0]
             token = self._choose(scores)
             drafts.append(token)
             draft_scores.append(scores)
-            if j + 1 < self.K:
+            if j + 1 < k:
                 position = (self.position + j)[:, None]
                 valid = torch.cat([self.mtp_valid, torch.ones(batch, j + 1, dtype=torch.bool, device=self.device)], 1)
                 out = self._mtp(out, token[:, None], self._rope(position), valid)
@@ -357,7 +393,7 @@ class _Run:
 
     def _accept(self, drafts, draft_scores, target_scores):
         """Number of drafts accepted per row ``(B,)`` and the main model's own next token ``(B,)``."""
-        K = self.K
+        K = drafts.shape[1]
         rows = torch.arange(drafts.shape[0], device=self.device)
         if not K:  # plain decoding: the main model's own token
             return torch.zeros_like(rows), self._choose(target_scores[:, 0])
