@@ -1,5 +1,7 @@
 """The chunked training loss (chunked_loss.py): the same loss and gradients as the full-logits path and as built-in
-transformers, with several chunks running, and no full-vocabulary logits tensor ever allocated."""
+transformers, with several chunks running, on both of its paths (fused: gradients computed in the forward;
+checkpointed: lm_head called per chunk and recomputed in backward), and no full-vocabulary logits tensor ever
+allocated."""
 
 from __future__ import annotations
 
@@ -9,10 +11,57 @@ from conftest import TINY_CONFIGS, build_pair, build_vl_pair, random_pixels, rel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from transformers_qwen35 import chunked_loss
-from transformers_qwen35.chunked_loss import CHUNK_ELEMENTS, causal_lm_loss, chunk_rows
+from transformers_qwen35.chunked_loss import (
+    CHUNK_ELEMENTS,
+    FusedLinearCrossEntropy,
+    causal_lm_loss,
+    chunk_rows,
+    fusable,
+)
 
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-4
 CHUNK = 5  # 2 x 37 = 74 positions: 15 chunks, one of them short
+PATHS = ("fused", "checkpointed")
+
+
+@pytest.fixture
+def taken(monkeypatch):
+    """Counts of the paths causal_lm_loss took: fused forwards, checkpointed chunks, lm_head calls under no_grad."""
+    counts = {"fused": 0, "checkpointed": 0, "plain": 0}
+    fused_forward = FusedLinearCrossEntropy.forward
+    real_checkpoint, real_chunk = chunked_loss.checkpoint, chunked_loss._summed_cross_entropy
+
+    def fused(ctx, *args):
+        counts["fused"] += 1
+        return fused_forward(ctx, *args)
+
+    def checkpointed(*args, **kwargs):
+        counts["checkpointed"] += 1
+        return real_checkpoint(*args, **kwargs)
+
+    def plain(*args):
+        counts["plain"] += not torch.is_grad_enabled()
+        return real_chunk(*args)
+
+    monkeypatch.setattr(FusedLinearCrossEntropy, "forward", staticmethod(fused))
+    monkeypatch.setattr(chunked_loss, "checkpoint", checkpointed)
+    monkeypatch.setattr(chunked_loss, "_summed_cross_entropy", plain)
+    return counts
+
+
+def _use_path(head: torch.nn.Module, path: str) -> None:
+    """``checkpointed``: a forward hook that changes nothing, which rules the fused path out (it never calls the
+    head, so it would skip the hook)."""
+    assert fusable(head)
+    if path == "checkpointed":
+        head.register_forward_hook(lambda module, args, output: None)
+        assert not fusable(head)
+
+
+def _assert_took(taken, path: str) -> None:
+    other = PATHS[1 - PATHS.index(path)]
+    assert taken[path] > 0 and taken[other] == 0, taken
+    taken.update(fused=0, checkpointed=0, plain=0)
 
 
 def _ids(batch=2, length=37, seed=1, vocab=99):
@@ -56,14 +105,17 @@ def test_chunk_rows_bounds_a_chunks_fp32_logits():
     assert chunk_rows(99, elements=990) == 10
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("config", sorted(TINY_CONFIGS))
-def test_loss_and_every_gradient_match_unchunked_and_builtin(config):
+def test_loss_and_every_gradient_match_unchunked_and_builtin(config, path, taken):
     """Tied and untied heads: with the tied one the embedding's gradient is the sum over both of its uses."""
     ours, native = build_pair(**TINY_CONFIGS[config])
     ours.loss_chunk_size = CHUNK
+    _use_path(ours.lm_head, path)
     ids = _ids()
     inputs = dict(input_ids=ids, labels=_labels(ids))
     chunked, chunked_grads = _step(ours, **inputs)
+    _assert_took(taken, path)
     assert chunked.logits is None  # training with labels: the logits are skipped
     full, full_grads = _step(ours, **inputs, skip_logits=False)
     assert full.logits is not None and full.logits.shape == (2, 37, 99)
@@ -143,12 +195,15 @@ def test_no_counted_position_gives_what_builtin_gives(items):
     assert all(grad.abs().max() == 0 for grad in chunked_grads.values())
 
 
-def test_function_equals_for_causal_lm_loss_directly():
-    """The function alone, against transformers' ForCausalLMLoss on an arbitrary head and ignore_index."""
+@pytest.mark.parametrize("path", PATHS)
+def test_function_equals_for_causal_lm_loss_directly(path, taken):
+    """The function alone, against transformers' ForCausalLMLoss on an arbitrary head (with a bias) and
+    ignore_index, whichever of hidden states, weight and bias require a gradient."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=True)
+    _use_path(head, path)
     hidden = torch.randn(3, 11, 16, requires_grad=True)
     labels = torch.randint(0, 50, (3, 11))
     labels[1] = 7  # ignore_index 7: a whole row counts for nothing
@@ -160,8 +215,79 @@ def test_function_equals_for_causal_lm_loss_directly():
         assert relative_error(loss, expected) < LOSS_TOL
         for grad, reference in zip(grads, expected_grads):
             assert relative_error(grad, reference) < GRAD_TOL
+    _assert_took(taken, path)
+    # Each of hidden, weight, bias frozen in turn (a frozen head under LoRA, an input that needs no gradient).
+    for frozen in range(3):
+        inputs = [hidden.detach().requires_grad_(frozen != 0)]
+        head.weight.requires_grad_(frozen != 1)
+        head.bias.requires_grad_(frozen != 2)
+        trained = [tensor for tensor in (inputs[0], head.weight, head.bias) if tensor.requires_grad]
+        loss = causal_lm_loss(inputs[0], head, labels, 50, ignore_index=7, chunk_size=4)
+        grads = torch.autograd.grad(loss, trained)
+        references = [reference for index, reference in enumerate(expected_grads) if index != frozen]
+        assert relative_error(loss, expected) < LOSS_TOL and len(grads) == 2
+        for grad, reference in zip(grads, references):
+            assert relative_error(grad, reference) < GRAD_TOL
+    head.requires_grad_(False)
+    loss = causal_lm_loss(hidden.detach(), head, labels, 50, ignore_index=7, chunk_size=4)
+    assert not loss.requires_grad and relative_error(loss, expected) < LOSS_TOL  # nothing to differentiate
+    _assert_took(taken, path)
+    head.requires_grad_(True)
+    # No position: 0 / 0, still tied to the graph, with zero gradients.
+    empty = causal_lm_loss(hidden[:, :0], head, labels[:, :0], 50, chunk_size=4)
+    assert torch.isnan(empty)
+    assert all(grad.abs().max() == 0 for grad in torch.autograd.grad(empty, [head.weight, head.bias]))
     with pytest.raises(ValueError):
         causal_lm_loss(hidden, head, labels, 49)
+
+
+def test_under_no_grad_neither_path_runs_and_the_loss_is_the_same(taken):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden, labels = torch.randn(2, 9, 16), torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        evaluated = causal_lm_loss(hidden, head, labels, 50, chunk_size=4)
+    assert taken == {"fused": 0, "checkpointed": 0, "plain": 5}  # 18 positions, 4 per chunk
+    trained = causal_lm_loss(hidden, head, labels, 50, chunk_size=4)
+    assert taken["fused"] == 1 and relative_error(evaluated, trained) < LOSS_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "autocast"])
+def test_low_precision_fused_matches_checkpointed(dtype, taken, monkeypatch):
+    """A bf16 head (the gradients come back in bf16), and an fp32 head under CPU bf16 autocast (logits computed in
+    bf16 as F.linear would, fp32 gradients): the fused path against the checkpointed one, to bf16 rounding. The
+    fused path's sums over chunks are in fp32, the checkpointed path's in bf16, so both are also compared with the
+    fp32 result. CHUNK_ELEMENTS is lowered so that the fused path's fp32 weight-gradient blocks are several (70 rows
+    each, the last one short)."""
+    torch.manual_seed(0)
+    vocab, width = 300, 64
+    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 70 * width)
+    assert len(chunked_loss._vocab_spans(vocab, width, in_place=False)) == 5
+    labels = torch.randint(0, vocab, (2, 40))
+    labels[0, :10] = -100
+    base_hidden, base_head = torch.randn(2, 40, width), torch.nn.Linear(width, vocab, bias=True)
+    results = {}
+    for path in ("fp32",) + PATHS:
+        head = torch.nn.Linear(width, vocab, bias=True)
+        head.load_state_dict(base_head.state_dict())
+        hidden = base_hidden.clone()
+        if dtype == torch.bfloat16 and path != "fp32":
+            head, hidden = head.to(dtype), hidden.to(dtype)
+        hidden.requires_grad_(True)
+        if path != "fp32":
+            _use_path(head, path)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "autocast" and path != "fp32"):
+            loss = causal_lm_loss(hidden, head, labels, vocab, chunk_size=7)
+        loss.backward()
+        if path != "fp32":
+            _assert_took(taken, path)
+        expected_dtype = dtype if dtype == torch.bfloat16 and path != "fp32" else torch.float32
+        assert loss.dtype == torch.float32
+        assert {hidden.grad.dtype, head.weight.grad.dtype, head.bias.grad.dtype} == {expected_dtype}
+        results[path] = [loss, hidden.grad, head.weight.grad, head.bias.grad]
+    for fused, checkpointed, exact in zip(results["fused"], results["checkpointed"], results["fp32"]):
+        assert relative_error(fused, checkpointed) < 2e-2
+        assert relative_error(fused, exact) < 2e-2 and relative_error(checkpointed, exact) < 2e-2
 
 
 # --- when logits are skipped ------------------------------------------------------------------------------------
@@ -253,21 +379,120 @@ def test_multimodal_loss_and_gradients_match_builtin():
     assert checked >= 10  # the vision tower's gradients were compared too
 
 
-def test_peft_adapters_on_the_head_and_the_layers_get_the_same_gradients():
+@pytest.mark.parametrize("on_head", [True, False])
+def test_peft_adapters_on_the_head_and_the_layers_get_the_same_gradients(on_head, taken):
+    """LoRA on lm_head wraps it (checkpointed path, the adapter runs per chunk); LoRA on the layers only leaves a
+    frozen plain head (fused path, which then makes no weight gradient at all)."""
     peft = pytest.importorskip("peft")
     ours, _ = build_pair(tie_word_embeddings=False)
     ours.loss_chunk_size = CHUNK
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj", "lm_head"])
+    targets = ["q_proj", "down_proj"] + (["lm_head"] if on_head else [])
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets)
     config.init_lora_weights = False  # non-zero B, so every adapter matrix has a gradient
     model = peft.get_peft_model(ours, config)
     ids = _ids()
     inputs = dict(input_ids=ids, labels=_labels(ids))
     chunked, chunked_grads = _step(model, **inputs)
+    _assert_took(taken, "checkpointed" if on_head else "fused")
     full, full_grads = _step(model, **inputs, skip_logits=False)
     assert chunked.logits is None and full.logits is not None
-    assert any("lm_head.lora_A" in name for name in chunked_grads)
+    assert any("lm_head.lora_A" in name for name in chunked_grads) == on_head
     assert all(".lora_" in name for name in chunked_grads)  # only the adapters train
     _assert_same(chunked.loss, chunked_grads, full.loss, full_grads)
+
+
+def test_a_hooked_head_is_called_per_chunk_on_the_checkpointed_path(taken):
+    """A forward hook that changes the logits (as a tensor-parallel or offloading hook changes what the head does):
+    the chunked loss sees it, as the full-logits path does."""
+    ours, _ = build_pair(tie_word_embeddings=True)
+    ours.loss_chunk_size = CHUNK
+    calls = []
+
+    def hook(module, args, output):
+        calls.append(torch.is_grad_enabled())
+        return output * 1.5
+
+    ours.lm_head.register_forward_hook(hook)
+    ids = _ids()
+    inputs = dict(input_ids=ids, labels=_labels(ids))
+    chunked, chunked_grads = _step(ours, **inputs)
+    _assert_took(taken, "checkpointed")
+    assert len(calls) == 2 * 15  # 15 chunks, each called in forward and again in backward
+    full, full_grads = _step(ours, **inputs, skip_logits=False)
+    _assert_same(chunked.loss, chunked_grads, full.loss, full_grads)
+
+
+def test_what_is_fusable():
+    from torch.nn.modules import module as module_globals
+
+    assert fusable(torch.nn.Linear(4, 6)) and fusable(torch.nn.Linear(4, 6, bias=False).to(torch.bfloat16))
+    assert not fusable(type("MyLinear", (torch.nn.Linear,), {})(4, 6))  # a subclass may compute anything
+    assert not fusable(torch.nn.Embedding(6, 4))
+    replaced = torch.nn.Linear(4, 6)
+    replaced.forward = lambda x: x  # as accelerate's add_hook_to_module does
+    assert not fusable(replaced)
+    for register in ("register_forward_pre_hook", "register_full_backward_hook", "register_full_backward_pre_hook"):
+        hooked = torch.nn.Linear(4, 6)
+        handle = getattr(hooked, register)(lambda *args: None)
+        assert not fusable(hooked)
+        handle.remove()
+        assert fusable(hooked)
+    handle = module_globals.register_module_forward_pre_hook(lambda *args: None)
+    try:
+        assert not fusable(torch.nn.Linear(4, 6))
+    finally:
+        handle.remove()
+    assert not fusable(torch.nn.Linear(4, 6, device="meta"))  # offloaded: the weight arrives through a hook
+    subclassed = torch.nn.Linear(4, 6)
+    subclassed.weight = type("QuantisedParameter", (torch.nn.Parameter,), {})(subclassed.weight.detach())
+    assert not fusable(subclassed)
+
+
+def test_a_dtensor_weight_is_not_fusable():
+    """FSDP2 / tensor-parallel parameters are DTensors between forwards (a one-rank fake process group here)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DeviceMesh, Replicate, distribute_tensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    dist.init_process_group("fake", rank=0, world_size=1, store=FakeStore())
+    try:
+        head = torch.nn.Linear(4, 6)
+        mesh = DeviceMesh("cpu", [0])
+        head.weight = torch.nn.Parameter(distribute_tensor(head.weight.detach(), mesh, [Replicate()]))
+        assert not fusable(head)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gradients_accumulate_over_two_backward_calls(path, taken):
+    """Two micro-batches, each with its own backward, without zeroing in between (gradient accumulation): the sum
+    of the two gradients, as built-in gives; and one graph backpropagated twice (retain_graph) gives twice its
+    gradient."""
+    ours, native = build_pair(tie_word_embeddings=True)
+    ours.loss_chunk_size = CHUNK
+    _use_path(ours.lm_head, path)
+    batches = [_ids(seed=1), _ids(seed=2)]
+    accumulated = {}
+    for model in (ours, native):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        for ids in batches:
+            model(input_ids=ids, labels=_labels(ids), num_items_in_batch=100).loss.backward()
+        accumulated[model] = {name: p.grad.clone() for name, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+    _assert_took(taken, path)
+    for name, grad in accumulated[ours].items():
+        assert relative_error(grad, accumulated[native][name]) < GRAD_TOL, name
+    _, once = _step(ours, input_ids=batches[0], labels=_labels(batches[0]))
+    loss = ours(input_ids=batches[0], labels=_labels(batches[0])).loss
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for name, p in ours.named_parameters():
+        assert relative_error(p.grad, 2 * once[name]) < GRAD_TOL, name
+    ours.zero_grad(set_to_none=True)
 
 
 def test_trainer_trains_on_the_chunked_loss_and_evaluates_with_logits(tmp_path):
@@ -336,11 +561,14 @@ def _largest_allocations(model, ids, **kwargs) -> tuple[LargestAllocation, int]:
     return probe, saved_rows[0]
 
 
-def test_no_full_vocabulary_fp32_logits_are_ever_allocated(monkeypatch):
+@pytest.mark.parametrize("path", PATHS)
+def test_no_full_vocabulary_fp32_logits_are_ever_allocated(monkeypatch, path, taken):
     """Vocabulary 1000, 2 x 64 positions: full logits are 128,000 elements; every other tensor of the tiny model is
-    at most ~33,000. The default chunk size is bounded by CHUNK_ELEMENTS, lowered here to 16 rows' worth."""
+    at most ~33,000 (the 1000 x 32 embedding and its gradient, which the fused path accumulates in the forward).
+    The default chunk size is bounded by CHUNK_ELEMENTS, lowered here to 16 rows' worth."""
     vocab = 1000
     ours, _ = build_pair(vocab_size=vocab, tie_word_embeddings=True)
+    _use_path(ours.lm_head, path)
     ids = _ids(length=64, vocab=vocab)
     full_logits = ids.numel() * vocab
 
@@ -352,4 +580,5 @@ def test_no_full_vocabulary_fp32_logits_are_ever_allocated(monkeypatch):
     chunked, saved_rows = _largest_allocations(ours, ids)
     assert chunked.largest_fp32_vocab_rows == 16  # one chunk's logits (and their gradient) at a time
     assert chunked.largest < full_logits / 3
-    assert saved_rows == 0  # no chunk's logits are kept for backward: it recomputes them
+    assert saved_rows == 0  # no chunk's logits are kept for backward (fused: its gradients are; checkpointed: rerun)
+    _assert_took(taken, path)
