@@ -128,7 +128,7 @@ def _chunk_single(q, k, v, g, beta, state, chunk_size):
     size = min(chunk_size, length)  # a short sequence is one chunk, unpadded
     recording = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta, state))
 
-    # Key-side tensors keep H_k heads with a broadcast group axis: (n, B*H_k, 1, C, d_k); value-side (n, B*H_k, G, C, .).
+    # Key-side tensors keep H_k heads and a broadcast group axis, (n, B*H_k, 1, C, d_k); value-side (n, B*H_k, G, C, .).
     # Normalised on the chunk-major copies, in place unless autograd records.
     q = l2_normalize(_chunk_major(q, size), scale=d_k**-0.5, inplace=not recording).unsqueeze(2)
     k = l2_normalize(_chunk_major(k, size), inplace=not recording).unsqueeze(2)
