@@ -238,3 +238,26 @@ def install_exact_fake_fla(monkeypatch) -> list[tuple]:
 
     install_fake_fla(monkeypatch, dict(chunk=chunk, recurrent=recurrent, conv=conv, conv_update=conv_update, norm=norm))
     return calls
+
+
+def write_untied_tiny_checkpoint(directory, seed: int, vocab_size: int = 1024):
+    """A tiny official-layout checkpoint (MTP head included) with an untied head: with tied random embeddings greedy
+    decoding repeats one token forever, which would make generation tests trivial."""
+    from transformers_qwen35.checkpoint import write_random_checkpoint
+    from transformers_qwen35.presets import tiny_config
+
+    config = tiny_config(vocab_size=vocab_size)
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
+    return write_random_checkpoint(directory, config, seed=seed)
+
+
+def left_padded_prompts(batch: int, length: int = 9, seed: int = 0, vocab_size: int = 1024):
+    """Random prompts (below the 4 multimodal placeholder ids of ``tiny_config``), left-padded so that row ``b``
+    loses ``2 b`` leading tokens; returns ``(input_ids, attention_mask)``."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size - 4, (batch, length), generator=generator)
+    mask = torch.ones_like(ids)
+    for row in range(batch):
+        mask[row, : 2 * row] = 0
+        ids[row, : 2 * row] = 0
+    return ids, mask

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import install_exact_fake_fla, relative_error
+from conftest import install_exact_fake_fla, left_padded_prompts, relative_error, write_untied_tiny_checkpoint
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.generation.streamers import BaseStreamer
@@ -26,10 +26,7 @@ VOCAB = 1024
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    config = tiny_config(vocab_size=VOCAB)
-    # Untied, as in the demo: tied random embeddings make greedy decoding repeat one token forever.
-    config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
-    return write_random_checkpoint(tmp_path_factory.mktemp("mtp"), config, seed=3)
+    return write_untied_tiny_checkpoint(tmp_path_factory.mktemp("mtp"), seed=3, vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +34,8 @@ def model(checkpoint):
     return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 
-def _prompts(batch: int, length: int = 9, seed: int = 0):
-    """Random prompts, left-padded to different lengths when batched (row b loses b leading tokens)."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB - 4, (batch, length), generator=generator)
-    mask = torch.ones_like(ids)
-    for row in range(batch):
-        mask[row, : 2 * row] = 0
-        ids[row, : 2 * row] = 0
-    return ids, mask
+def _prompts(batch: int = 3, length: int = 9, seed: int = 0):
+    return left_padded_prompts(batch, length, seed, vocab_size=VOCAB)
 
 
 def _generate(model, ids, mask, **kwargs):

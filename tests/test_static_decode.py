@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import relative_error
+from conftest import left_padded_prompts, relative_error, write_untied_tiny_checkpoint
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
 from transformers_qwen35.cache import Qwen3_5HybridCache
-from transformers_qwen35.checkpoint import write_random_checkpoint
-from transformers_qwen35.presets import tiny_config
 from transformers_qwen35.static_decode import StaticHybridCache, forward_block
 
 VOCAB = 1024
@@ -18,9 +16,7 @@ VOCAB = 1024
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    config = tiny_config(vocab_size=VOCAB)
-    config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
-    return write_random_checkpoint(tmp_path_factory.mktemp("static"), config, seed=5)
+    return write_untied_tiny_checkpoint(tmp_path_factory.mktemp("static"), seed=5, vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +24,8 @@ def model(checkpoint):
     return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 
-def _prompts(batch=3, length=9, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB - 4, (batch, length), generator=generator)
-    mask = torch.ones_like(ids)
-    for row in range(batch):
-        mask[row, : 2 * row] = 0
-        ids[row, : 2 * row] = 0
-    return ids, mask
+def _prompts(batch: int = 3, length: int = 9, seed: int = 0):
+    return left_padded_prompts(batch, length, seed, vocab_size=VOCAB)
 
 
 def _generate(model, ids, mask, **kwargs):

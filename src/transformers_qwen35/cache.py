@@ -105,29 +105,32 @@ class Qwen3_5HybridCache:
             raise RuntimeError("keep_speculated() needs a forward run with cache.speculating = True first.")
         length = next(iter(self._linear_steps.values()))[2].shape[1]
         kept = kept.to(torch.long)
-        longest = int(kept.max())
         if not bool((kept == length).all()):
             for layer_idx, step in self._linear_steps.items():
                 self.conv_states[layer_idx], self.recurrent_states[layer_idx] = _states_after(step, kept)
-        drop = length - longest
-        if drop:
-            for layer_idx, keys in enumerate(self.key_cache):
-                if keys is not None:
-                    self.key_cache[layer_idx] = keys[:, :, : keys.shape[2] - drop]
-                    self.value_cache[layer_idx] = self.value_cache[layer_idx][:, :, : keys.shape[2] - drop]
-            self.seen_tokens -= drop
         self._linear_steps.clear()
+        self._keep_attention(kept, length)
+
+    def _keep_attention(self, kept: torch.Tensor, length: int) -> None:
+        """The attention side of ``keep_speculated``: the block's ``length`` keys were appended; keep the longest
+        kept prefix (the caller masks each row's shorter one)."""
+        drop = length - int(kept.max())
+        if drop:
+            self._truncate_attention(self.seen_tokens - drop)
+
+    def _truncate_attention(self, length: int) -> None:
+        for layer_idx, keys in enumerate(self.key_cache):
+            if keys is not None:
+                self.key_cache[layer_idx] = keys[:, :, :length]
+                self.value_cache[layer_idx] = self.value_cache[layer_idx][:, :, :length]
+        self.seen_tokens = min(self.seen_tokens, length)
 
     def trim_attention(self, length: int) -> None:
         """Drop attention keys and values past ``length`` positions (no Gated DeltaNet layers may be present: their
         states cannot be rolled back this way). The MTP head's own cache uses this to forget its draft steps."""
         if not all(layer_type == FULL_ATTENTION for layer_type in self.layer_types):
             raise ValueError("trim_attention() is for attention-only caches; use keep_speculated() on the model's.")
-        for layer_idx, keys in enumerate(self.key_cache):
-            if keys is not None:
-                self.key_cache[layer_idx] = keys[:, :, :length]
-                self.value_cache[layer_idx] = self.value_cache[layer_idx][:, :, :length]
-        self.seen_tokens = min(self.seen_tokens, length)
+        self._truncate_attention(length)
 
     def reset(self) -> None:
         for states in (self.conv_states, self.recurrent_states, self.key_cache, self.value_cache):

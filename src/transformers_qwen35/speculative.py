@@ -152,8 +152,7 @@ def mtp_generate(
         raise ValueError("mtp_draft_tokens / static decoding do not support synced_gpus (ZeRO-3 / FSDP generation).")
     if streamer is not None:
         streamer.put(input_ids.cpu())  # the prompt first, as plain generate() does
-    run = _Run(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, draft_tokens)
-    run.static = static
+    run = _Run(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, draft_tokens, static)
     run.prefill(model_kwargs)
     while run.unfinished.any():
         run.round()
@@ -170,10 +169,10 @@ def mtp_generate(
 class _Run:
     """State of one speculative ``generate()`` call."""
 
-    def __init__(self, model, input_ids, processors, criteria, generation_config, streamer, draft_tokens):
+    def __init__(self, model, input_ids, processors, criteria, generation_config, streamer, draft_tokens, static):
         self.model, self.K, self.streamer = model, draft_tokens, streamer
         self.head = mtp_head(model) if draft_tokens else None
-        self.static, self._graphs = False, {}
+        self.static, self._graphs = static, {}
         self.text_model = model.model.language_model if hasattr(model.model, "language_model") else model.model
         self.processors, self.criteria = processors, criteria
         self.greedy = not generation_config.do_sample
@@ -321,7 +320,8 @@ class _Run:
                 length = block.shape[1]
                 if length not in self._graphs:
                     self._graphs[length] = GraphedBlock(self.model, self.cache, length)
-                return self._graphs[length](block, rope).clone()
+                # The graph's own output tensor: read (lm_head, MTP head) before the next replay overwrites it.
+                return self._graphs[length](block, rope)
             return forward_block(self.model, self.cache, block, rope)
         batch, length = block.shape
         key_valid = torch.cat([self.key_valid, torch.ones(batch, length, dtype=torch.bool, device=self.device)], 1)

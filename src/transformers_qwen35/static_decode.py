@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from .cache import Qwen3_5HybridCache, _states_after
+from .cache import Qwen3_5HybridCache
 
 CUDA_GRAPHS_ENV = "TRANSFORMERS_QWEN35_CUDA_GRAPHS"
 
@@ -117,26 +117,14 @@ class StaticHybridCache(Qwen3_5HybridCache):
         self.slot += length
         self.seen_tokens += length
 
-    def keep_speculated(self, kept: torch.Tensor) -> None:
-        """As the dynamic cache's, with slots instead of a growing tensor: dropped slots become holes (invalid keys)
-        and the next block writes after the longest kept prefix."""
-        length = next(iter(self._linear_steps.values()))[2].shape[1] if self._linear_steps else None
-        if length is None:
-            raise RuntimeError("keep_speculated() needs a forward run with cache.speculating = True first.")
-        kept = kept.to(torch.long)
-        if not bool((kept == length).all()):
-            for layer_idx, step in self._linear_steps.items():
-                self.conv_states[layer_idx], self.recurrent_states[layer_idx] = _states_after(step, kept)
+    def _keep_attention(self, kept: torch.Tensor, length: int) -> None:
+        """Slots instead of a growing tensor: the block's dropped slots become holes (invalid keys) and the next
+        block writes after the longest kept prefix."""
         steps = torch.arange(length, device=self.slot.device)
-        written = self.slot + steps
-        self.key_valid.index_copy_(1, written, steps[None, :] < kept[:, None].to(self.slot.device))
+        self.key_valid.index_copy_(1, self.slot + steps, steps[None, :] < kept[:, None].to(self.slot.device))
         longest = int(kept.max())
         self.slot += longest
         self.seen_tokens += longest
-        self._linear_steps.clear()
-
-    def trim_attention(self, length: int) -> None:
-        raise NotImplementedError("StaticHybridCache keeps its slots: use keep_speculated().")
 
 
 def forward_block(model, cache: StaticHybridCache, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
