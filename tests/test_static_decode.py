@@ -104,3 +104,33 @@ def test_static_requests_it_cannot_serve_are_refused(model):
     ids, mask = _prompts(1)
     with pytest.raises(ValueError, match="cache_implementation='static' cannot be combined with beam search"):
         _generate(model, ids, mask, cache_implementation="static", num_beams=2)
+
+
+def test_the_static_cache_is_reused_by_the_next_call_that_fits(checkpoint):
+    """Capturing CUDA graphs costs as much as many steps: a second call with the same batch size and a prompt that
+    fits the buffers decodes on the same cache (refilled, so its tokens are still plain decoding's); a larger
+    request, or parameters that moved, get a new one."""
+    from transformers_qwen35.static_decode import _CACHES, release_static_cache
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    first_ids, first_mask = _prompts(seed=4)
+    _generate(model, first_ids, first_mask, cache_implementation="static")
+    first = _CACHES[model]
+    ids, mask = _prompts(length=6, seed=5)  # another prompt, shorter: fits
+    out = _generate(model, ids, mask, cache_implementation="static")
+    assert _CACHES[model] is first
+    assert torch.equal(out, _generate(model, ids, mask))
+
+    _generate(model, ids, mask, cache_implementation="static", max_new_tokens=first.capacity)  # too long for it
+    assert _CACHES[model] is not first and _CACHES[model].capacity > first.capacity
+    longer = _CACHES[model]
+    _generate(model, ids[:2], mask[:2], cache_implementation="static")  # another batch size
+    assert _CACHES[model] is not longer
+
+    second = _CACHES[model]
+    model.to(torch.float64).to(torch.float32)  # new parameter storage: graphs would read freed memory
+    out = _generate(model, ids[:2], mask[:2], cache_implementation="static")
+    assert _CACHES[model] is not second
+    assert torch.equal(out, _generate(model, ids[:2], mask[:2]))
+    release_static_cache(model)
+    assert model not in _CACHES

@@ -42,7 +42,7 @@ from transformers.generation import (
 from .cache import Qwen3_5HybridCache
 from .modeling import CACHE_FIELD, _attention_mask
 from .mtp import mtp_head
-from .static_decode import GraphedBlock, StaticHybridCache, cuda_graphs_enabled, forward_block
+from .static_decode import GraphedBlock, cuda_graphs_enabled, forward_block, static_cache_for
 
 # Processors that ignore input_ids: these may score every drafted position in one call.
 POSITION_FREE_PROCESSORS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
@@ -172,7 +172,7 @@ class _Run:
     def __init__(self, model, input_ids, processors, criteria, generation_config, streamer, draft_tokens, static):
         self.model, self.K, self.streamer = model, draft_tokens, streamer
         self.head = mtp_head(model) if draft_tokens else None
-        self.static, self._graphs = static, {}
+        self.static = static
         self.text_model = model.model.language_model if hasattr(model.model, "language_model") else model.model
         self.processors, self.criteria = processors, criteria
         self.greedy = not generation_config.do_sample
@@ -233,8 +233,8 @@ class _Run:
         self._commit(first[:, None], torch.ones_like(self.count))
         self.last = first
         if self.static:
-            capacity = self.prompt_length + self.max_new + self.K + 1
-            self.cache = StaticHybridCache.from_prefill(self.cache, valid, capacity, self.text_model.config)
+            needed = self.prompt_length + self.max_new + self.K + 1
+            self.cache = static_cache_for(model, self.cache, valid, needed, self.text_model.config)
         if not self.K:
             return
 
@@ -317,11 +317,11 @@ class _Run:
         if self.static:
             rope = self._rope(positions)
             if self.device.type == "cuda" and cuda_graphs_enabled():
-                length = block.shape[1]
-                if length not in self._graphs:
-                    self._graphs[length] = GraphedBlock(self.model, self.cache, length)
+                length, graphs = block.shape[1], self.cache.graphs
+                if length not in graphs:
+                    graphs[length] = GraphedBlock(self.model, self.cache, length)
                 # The graph's own output tensor: read (lm_head, MTP head) before the next replay overwrites it.
-                return self._graphs[length](block, rope)
+                return graphs[length](block, rope)
             return forward_block(self.model, self.cache, block, rope)
         batch, length = block.shape
         key_valid = torch.cat([self.key_valid, torch.ones(batch, length, dtype=torch.bool, device=self.device)], 1)

@@ -15,17 +15,27 @@ keep its address and shape from one step to the next:
 
 Used by ``speculative.py``'s loop for ``generate(..., cache_implementation="static")`` (plain decoding) and for
 ``mtp_draft_tokens``; the prompt itself runs through the ordinary forward, whose cache is then copied in.
+
+The static cache and its captured graphs outlive one ``generate()`` call (``static_cache_for``): capturing costs a few
+hundred milliseconds, as much as a hundred decoding steps, so the next call with the same batch size and a prompt that
+fits reuses them.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
 from .cache import Qwen3_5HybridCache
 
 CUDA_GRAPHS_ENV = "TRANSFORMERS_QWEN35_CUDA_GRAPHS"
+# Capacities are rounded up to a multiple of this, so that the next call with a slightly longer prompt (a chat turn)
+# still fits the cache and its graphs. Attention reads the whole buffer: at 0.8B a 256-slot step costs ~3 MB per row.
+CAPACITY_STEP = 256
+# One static cache per model, kept beside it rather than on it: deep copies and state dicts never see it.
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def cuda_graphs_enabled() -> bool:
@@ -69,27 +79,50 @@ class StaticHybridCache(Qwen3_5HybridCache):
         self.recurrent_states = _InPlaceList(self.recurrent_states)
         self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # first slot the next block writes
+        self.graphs: dict[int, GraphedBlock] = {}  # block length -> captured forward over these buffers
+        self.weights: tuple = ()  # addresses of the parameters the graphs read (see static_cache_for)
 
     @classmethod
     def from_prefill(cls, cache: Qwen3_5HybridCache, key_valid: torch.Tensor, capacity: int, config):
-        """Copy a prompt's dynamic cache in; ``key_valid`` ``(B, P)`` marks the prompt's real (unpadded) tokens."""
-        batch, length = key_valid.shape
-        if capacity < length:
-            raise ValueError(f"capacity {capacity} is smaller than the prompt ({length} positions).")
+        """A new cache holding a prompt's dynamic cache; ``key_valid`` ``(B, P)`` marks its real (unpadded) tokens."""
         reference = next(state for state in cache.key_cache if state is not None)
-        static = cls(config, batch, capacity, reference.dtype, reference.device)
-        for i, is_linear in enumerate(static.is_linear):
-            if is_linear:
-                static.conv_states[i] = cache.conv_states[i]
-                static.recurrent_states[i] = cache.recurrent_states[i]
-            else:
-                static.key_cache[i][:, :, :length] = cache.key_cache[i]
-                static.value_cache[i][:, :, :length] = cache.value_cache[i]
-        static.key_valid[:, :length] = key_valid
-        static.slot.fill_(length)
-        static.seen_tokens = length
-        static.rope_deltas = cache.rope_deltas
+        static = cls(config, key_valid.shape[0], capacity, reference.dtype, reference.device)
+        static.load_prefill(cache, key_valid)
         return static
+
+    def load_prefill(self, cache: Qwen3_5HybridCache, key_valid: torch.Tensor) -> None:
+        """Copy a prompt's dynamic cache into these buffers (in place: captured graphs stay valid)."""
+        batch, length = key_valid.shape
+        if self.capacity < length or self.key_valid.shape[0] != batch:
+            raise ValueError(
+                f"a static cache for {self.key_valid.shape[0]} rows x {self.capacity} positions cannot hold a prompt "
+                f"of {batch} rows x {length} positions."
+            )
+        for i, is_linear in enumerate(self.is_linear):
+            if is_linear:
+                self.conv_states[i] = cache.conv_states[i]
+                self.recurrent_states[i] = cache.recurrent_states[i]
+            else:
+                self.key_cache[i][:, :, :length] = cache.key_cache[i]
+                self.value_cache[i][:, :, :length] = cache.value_cache[i]
+        self.key_valid.zero_()
+        self.key_valid[:, :length] = key_valid
+        self.slot.fill_(length)
+        self.seen_tokens = length
+        self.rope_deltas = cache.rope_deltas
+        self.speculating = False
+        self._linear_steps.clear()
+
+    def fits(self, batch: int, needed: int, dtype: torch.dtype, device: torch.device, weights: tuple) -> bool:
+        state = self.key_valid
+        return (
+            state.shape[0] == batch and self.capacity >= needed and state.device == device
+            and self.dtype == dtype and self.weights == weights
+        )  # fmt: skip
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(state for state in self.key_cache if state is not None).dtype
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         """Write this block's keys and values at the current slots; return the whole buffers."""
@@ -125,6 +158,31 @@ class StaticHybridCache(Qwen3_5HybridCache):
         longest = int(kept.max())
         self.slot += longest
         self.seen_tokens += longest
+
+
+def static_cache_for(model, prefill: Qwen3_5HybridCache, key_valid: torch.Tensor, needed: int, config):
+    """The static cache for decoding ``needed`` positions after this prompt, holding the prompt's state: the model's
+    cache of the previous call (with its graphs) when it fits, else a new one replacing it.
+
+    The graphs read the parameters at the addresses they had at capture: moving the model, or wrapping it in new
+    parameters (adapters), changes those addresses and forces a new cache."""
+    reference = next(state for state in prefill.key_cache if state is not None)
+    weights = tuple(parameter.data_ptr() for parameter in model.parameters())
+    cached = _CACHES.get(model)
+    if cached is None or not cached.fits(key_valid.shape[0], needed, reference.dtype, reference.device, weights):
+        _CACHES.pop(model, None)  # free the old buffers and graph memory before allocating the new ones
+        del cached
+        capacity = -(-needed // CAPACITY_STEP) * CAPACITY_STEP
+        cached = StaticHybridCache(config, key_valid.shape[0], capacity, reference.dtype, reference.device)
+        cached.weights = weights
+        _CACHES[model] = cached
+    cached.load_prefill(prefill, key_valid)
+    return cached
+
+
+def release_static_cache(model) -> None:
+    """Free the static cache and CUDA graphs kept for ``model`` since its last static ``generate()``."""
+    _CACHES.pop(model, None)
 
 
 def forward_block(model, cache: StaticHybridCache, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
