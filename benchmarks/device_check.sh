@@ -5,6 +5,8 @@
 #   env.txt             versions, kernel availability, nvidia-smi
 #   install.txt         what was installed from .whl/ and how our package imported
 #   pytest.txt          tests/gpu (or a line saying there are none)
+#   breakdown.txt       benchmarks/decode_breakdown.py: a static decoding step taken apart (+ breakdown.json)
+#   profile.txt         torch.profiler table of one static generate() at batch 1
 #   compare_0.8B.txt    benchmarks/compare_native.py output (table + JSON line)
 #   compare_0.8B.json   full results (rewritten after every phase, so a cut-short run keeps what it measured)
 #
@@ -23,6 +25,7 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 BUDGET_S="${BUDGET_S:-345}"
 BENCH_ARGS="${BENCH_ARGS:-}"
+COMPARE_WHAT="${COMPARE_WHAT:-prefill,decode,train}"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 STARTED=$SECONDS
 
@@ -147,19 +150,24 @@ EOF
 if [[ -d tests/gpu ]]; then
     log "running pytest -q tests/gpu"
     rc=0
-    timeout "$(allow 90)" "$PY" -m pytest -q -p no:cacheprovider tests/gpu >"$OUT/pytest.txt" 2>&1 || rc=$?
+    timeout "$(allow 150)" "$PY" -m pytest -q -p no:cacheprovider tests/gpu >"$OUT/pytest.txt" 2>&1 || rc=$?
     tail -n 15 "$OUT/pytest.txt"
     log "pytest rc $rc"
 else
     echo "tests/gpu does not exist: no GPU tests to run (skipped)" | tee "$OUT/pytest.txt"
 fi
 
-# 5. The benchmark: ours vs built-in transformers, 0.8B shape, bf16.
+# 5. Where our static decoding step spends its time (replay, head, loop), and the weight-reading floor.
+log "running decode_breakdown.py --size 0.8B"
+timeout "$(allow 75)" "$PY" benchmarks/decode_breakdown.py --size 0.8B --batch 1,8 --profile "$OUT/profile.txt" \
+    --json-out "$OUT/breakdown.json" 2>&1 | tee "$OUT/breakdown.txt" || log "decode_breakdown rc $?"
+
+# 6. The benchmark: ours vs built-in transformers, 0.8B shape, bf16.
 log "running compare_native.py --device cuda --size 0.8B"
 rc=0
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of extra options
 # MTP: K = 2 with the random head (the cost of rejected drafts) and with always-right drafts (the ceiling).
-timeout "$(allow 300)" "$PY" benchmarks/compare_native.py --device cuda --size 0.8B --what prefill,decode,train \
+timeout "$(allow 300)" "$PY" benchmarks/compare_native.py --device cuda --size 0.8B --what "$COMPARE_WHAT" \
     --mtp 2 --mtp-oracle --json-out "$OUT/compare_0.8B.json" $BENCH_ARGS 2>&1 | tee "$OUT/compare_0.8B.txt" || rc=$?
 log "compare_native rc $rc (124: cut short by the time budget; the JSON keeps the finished phases)"
 log "done in $((SECONDS - STARTED)) s"
