@@ -425,7 +425,17 @@ def bench_prefill(models, shapes, vocab, device, args) -> list[Result]:
     return out
 
 
-STATIC = f"{OURS} static"  # generate(..., cache_implementation="static"): fixed-shape state, CUDA graphs on a GPU
+# Our other decoding loop, beside plain generate(): on a GPU plain generate() already decodes on the static cache with
+# CUDA graphs, so the other row is transformers' loop on our growing cache (cache_implementation="dynamic"); on a CPU
+# plain generate() is that loop and the other row is cache_implementation="static".
+OTHER_CACHE = {"cuda": "dynamic", "cpu": "static"}
+
+
+def cache_label(implementation: str) -> str:
+    return f"{OURS} {implementation}"
+
+
+OTHER_LABELS = tuple(cache_label(implementation) for implementation in OTHER_CACHE.values())
 
 
 def mtp_label(draft_tokens: int, oracle: bool = False) -> str:
@@ -438,11 +448,14 @@ def bench_decode(models, batches, prompt, new, vocab, device, args) -> tuple[lis
     drafts that are always right (the tokens plain decoding produced: the ceiling at full acceptance)."""
     out, same_tokens, mtp_stats = [], {}, {}
     variants = {label: (model, {}) for label, model in models.items()}
-    static = dict(cache_implementation="static") if args.static else {}
     if args.static:
-        variants[STATIC] = (models[OURS], dict(static))
+        other = OTHER_CACHE[device.type]
+        variants[cache_label(other)] = (models[OURS], dict(cache_implementation=other))
     for draft_tokens in args.mtp:
-        mtp = dict(static, mtp_draft_tokens=draft_tokens)
+        # MTP rows verify drafts on the static cache where asked (the default on a GPU).
+        mtp = dict(cache_implementation="static", mtp_draft_tokens=draft_tokens) if args.static else dict(
+            mtp_draft_tokens=draft_tokens
+        )
         variants[mtp_label(draft_tokens)] = (models[OURS], mtp)
         if args.mtp_oracle:
             variants[mtp_label(draft_tokens, True)] = (models[OURS], dict(mtp, oracle=True))
@@ -506,7 +519,8 @@ def bench_decode(models, batches, prompt, new, vocab, device, args) -> tuple[lis
             out.append(result)
         if OURS in generated and BUILTIN in generated:
             same_tokens[shape] = bool(torch.equal(generated[OURS], generated[BUILTIN]))
-        for label in stats:  # greedy MTP decoding must give plain decoding's tokens
+        for label in [*stats, *(label for label in OTHER_LABELS if label in generated)]:
+            # greedy MTP decoding and our other loop must give plain decoding's tokens
             same_tokens[f"{shape} {label}"] = bool(torch.equal(generated[label], generated[OURS]))
         runs = ids = generated = None
         _free(device)
@@ -577,6 +591,26 @@ def bench_train(models, shape, vocab, device, args) -> list[Result]:
         if not isinstance(retry[BUILTIN], BaseException):
             notes[BUILTIN] = f"torch fallback; with fla: {_short_error(failed)}"
         measured[BUILTIN] = retry[BUILTIN]
+    failed = measured.get(OURS)
+    if isinstance(failed, BaseException) and device.type == "cuda":
+        # Ours must train on any stack: if its fla path failed, say so and measure its PyTorch ops.
+        models[OURS].zero_grad(set_to_none=True)
+        optimizers.pop(OURS, None)
+        _free(device)
+        from transformers_qwen35 import kernels
+
+        previous = os.environ.get(kernels.KERNELS_ENV)
+        os.environ[kernels.KERNELS_ENV] = "torch"
+        try:
+            retry = interleaved({OURS: runner(OURS, models[OURS], ids)}, args.repeats, args.warmup, device)
+        finally:
+            if previous is None:
+                os.environ.pop(kernels.KERNELS_ENV, None)
+            else:
+                os.environ[kernels.KERNELS_ENV] = previous
+        if not isinstance(retry[OURS], BaseException):
+            notes[OURS] = f"torch ops; with fla: {_short_error(failed)}"
+        measured[OURS] = retry[OURS]
     out = [
         _result("train", f"{batch}x{length}", label, batch * length, value, notes.get(label, ""))
         for label, value in measured.items()
@@ -671,8 +705,8 @@ def ratios(results: list[Result]) -> tuple[dict, dict]:
             if label.startswith(f"{OURS} mtp") and builtin and result.tokens_per_s and builtin.tokens_per_s:
                 suffix = label.split("K=")[1].replace(" ", "_")
                 speed[f"{key}_mtp{suffix}"] = round(result.tokens_per_s / builtin.tokens_per_s, 3)
-            if label == STATIC and builtin and result.tokens_per_s and builtin.tokens_per_s:
-                speed[f"{key}_static"] = round(result.tokens_per_s / builtin.tokens_per_s, 3)
+            if label in OTHER_LABELS and builtin and result.tokens_per_s and builtin.tokens_per_s:
+                speed[f"{key}_{label.split()[-1]}"] = round(result.tokens_per_s / builtin.tokens_per_s, 3)
         ours, builtin = pair.get(OURS), pair.get(BUILTIN)
         if ours and builtin and ours.tokens_per_s and builtin.tokens_per_s:
             speed[key] = round(ours.tokens_per_s / builtin.tokens_per_s, 3)
@@ -694,8 +728,9 @@ def print_table(results: list[Result], speed: dict, memory: dict, memory_label: 
         if result.model.startswith(f"{OURS} mtp"):
             mtp_key = f"{result.key}_mtp{result.model.split('K=')[1].replace(' ', '_')}"
             ratio = _num(speed.get(mtp_key), 2) + "×" if speed.get(mtp_key) else ""
-        if result.model == STATIC:
-            ratio = _num(speed.get(f"{result.key}_static"), 2) + "×" if speed.get(f"{result.key}_static") else ""
+        if result.model in OTHER_LABELS:
+            other_key = f"{result.key}_{result.model.split()[-1]}"
+            ratio = _num(speed.get(other_key), 2) + "×" if speed.get(other_key) else ""
         mem_ratio = _num(memory.get(result.key), 2) + "×" if is_ours and memory.get(result.key) else ""
         if result.error:
             row = f"FAILED: {result.error}", "—", "—"
@@ -713,7 +748,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", choices=SIZES, default="tiny")
-    parser.add_argument("--what", default="prefill,decode,train", help="comma-separated subset of " + ",".join(WHAT))
+    parser.add_argument(
+        "--what", default="prefill,decode,train", help="comma-separated subset of " + ",".join(WHAT) + ", run in this order"
+    )
     parser.add_argument("--quick", action="store_true", help="shorter sequences and fewer tokens")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: all cores available)")
@@ -741,8 +778,9 @@ def parse_args(argv=None):
         "--static",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="also decode with cache_implementation='static' (CUDA graphs on a GPU), MTP rows on it too "
-        "(default: on for CUDA, off for CPU)",
+        help="also decode with our other loop (on CUDA cache_implementation='dynamic', as plain generate() there "
+        "already decodes on the static cache with CUDA graphs; on CPU cache_implementation='static') and verify MTP "
+        "drafts on the static cache (default: on for CUDA, off for CPU)",
     )
     parser.add_argument(
         "--guard-tolerance",
@@ -755,7 +793,7 @@ def parse_args(argv=None):
     for name, value in plan.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.what = [w.strip() for w in args.what.split(",") if w.strip()]
+    args.what = list(dict.fromkeys(w.strip() for w in args.what.split(",") if w.strip()))
     unknown = set(args.what) - set(WHAT)
     if unknown:
         parser.error(f"--what: unknown {sorted(unknown)}; choose from {', '.join(WHAT)}")
@@ -859,24 +897,23 @@ def _run(args, device, dtype, threads, started) -> dict:
         results.extend(new)
         report(final=False)
 
-    if "prefill" in args.what:
-        phase("prefill", lambda: bench_prefill(models, parse_shapes(args.prefill), vocab, device, args))
-    if "decode" in args.what:
+    def decode():
         batches = [int(b) for b in str(args.decode_batch).split(",") if b.strip()]
-
         if args.mtp:
             attach_random_mtp_heads(ours, args.seed)
+        decoded, same, mtp = bench_decode(models, batches, args.decode_prompt, args.decode_new, vocab, device, args)
+        extra["decode_same_tokens"] = same
+        if mtp:
+            extra["mtp"] = mtp
+        return decoded
 
-        def decode():
-            decoded, same, mtp = bench_decode(models, batches, args.decode_prompt, args.decode_new, vocab, device, args)
-            extra["decode_same_tokens"] = same
-            if mtp:
-                extra["mtp"] = mtp
-            return decoded
-
-        phase("decode", decode)
-    if "train" in args.what:
-        phase("train", lambda: bench_train(models, parse_shapes(args.train)[0], vocab, device, args))
+    measurements = {
+        "prefill": lambda: bench_prefill(models, parse_shapes(args.prefill), vocab, device, args),
+        "decode": decode,
+        "train": lambda: bench_train(models, parse_shapes(args.train)[0], vocab, device, args),
+    }
+    for name in args.what:  # in the order asked: a run cut short keeps what matters most to the caller
+        phase(name, measurements[name])
 
     summary = report(final=True)
     print()

@@ -170,6 +170,10 @@ def test_stopping_at_eos_and_processors_that_read_the_context(model):
     assert (reference == eos).any()
     for draft_tokens in (1, 3):
         assert torch.equal(_generate(model, ids, mask, mtp_draft_tokens=draft_tokens, **settings), reference)
+    # The static cache too: without drafts its lean loop (one late check per step), with drafts the general one.
+    for draft_tokens in (0, 2):
+        out = _generate(model, ids, mask, mtp_draft_tokens=draft_tokens, cache_implementation="static", **settings)
+        assert torch.equal(out, reference), draft_tokens
 
 
 def test_stop_strings_style_criteria_run_on_each_kept_token(model):

@@ -134,3 +134,51 @@ def test_the_static_cache_is_reused_by_the_next_call_that_fits(checkpoint):
     assert torch.equal(out, _generate(model, ids[:2], mask[:2]))
     release_static_cache(model)
     assert model not in _CACHES
+
+
+def test_static_is_the_default_where_cuda_graphs_decode(checkpoint, monkeypatch):
+    """On CUDA plain generate() takes the static loop (stood in for here by saying this CPU model decodes on CUDA
+    graphs), unless the request needs transformers' loop or asks for it with cache_implementation="dynamic"."""
+    from transformers_qwen35 import modeling
+    from transformers_qwen35.static_decode import _CACHES
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    ids, mask = _prompts(seed=6)
+    reference = _generate(model, ids, mask)
+    assert model not in _CACHES  # on a CPU the default stays transformers' loop
+    monkeypatch.setattr(modeling, "_decodes_on_cuda_graphs", lambda model: True)
+    for settings in (dict(cache_implementation="dynamic"), dict(num_beams=2), dict(return_dict_in_generate=True)):
+        out = _generate(model, ids, mask, **settings)
+        assert model not in _CACHES, settings
+        if "num_beams" not in settings:
+            assert torch.equal(getattr(out, "sequences", out), reference), settings
+    assert torch.equal(_generate(model, ids, mask), reference)
+    assert model in _CACHES
+
+
+def test_processors_see_the_input_ids_of_transformers_loop(model):
+    """Every processor call of the static loop gets the input_ids transformers' own loop gives it, finished rows'
+    padding included (rows stop at different steps here)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Recorder(LogitsProcessor):
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, input_ids, scores):
+            self.seen.append(input_ids.clone())
+            return scores
+
+    ids, mask = _prompts(seed=7)
+    free = _generate(model, ids, mask)
+    eos = int(free[2, ids.shape[1] + 4])
+    runs = []
+    for extra in ({}, dict(cache_implementation="static")):
+        recorder = Recorder()
+        out = _generate(model, ids, mask, eos_token_id=eos, logits_processor=LogitsProcessorList([recorder]), **extra)
+        runs.append((out, recorder.seen))
+    (reference, expected), (out, seen) = runs
+    assert (reference == eos).any(dim=1).sum() >= 1 and torch.equal(out, reference)
+    assert len(seen) == len(expected)
+    for step, (got, want) in enumerate(zip(seen, expected)):
+        assert torch.equal(got, want), step

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import torch
 from transformers.utils import logging
 
+from . import hopper_backward
 from .ops.causal_conv import causal_conv1d as torch_causal_conv1d
 from .ops.gated_delta_rule import chunk_gated_delta_rule as torch_chunk_gated_delta_rule
 from .ops.gated_delta_rule import recurrent_gated_delta_rule as torch_recurrent_gated_delta_rule
@@ -49,6 +50,7 @@ def _load_fla() -> SimpleNamespace | None:
         logger.info(f"fla kernels unavailable ({type(error).__name__}: {error}); using the PyTorch ops.")
         return None
     return SimpleNamespace(
+        hopper_backward=hopper_backward.register_with_fla(),
         chunk=gdn.chunk_gated_delta_rule,
         fused_recurrent=gdn.fused_recurrent_gated_delta_rule,
         conv=conv.causal_conv1d,
@@ -75,14 +77,12 @@ def _triton_version() -> tuple[int, ...] | None:
     return tuple(parts)
 
 
-def _hopper_backward_refused(tensor: torch.Tensor) -> bool:
-    """fla-core 0.6 refuses the gated chunk backward on Hopper with Triton in [3.4.0, 3.7.1) (fla issue #640)."""
-    if not (torch.is_grad_enabled() and tensor.requires_grad and tensor.is_cuda):
+def _hopper_backward_refused(tensor: torch.Tensor, fla: SimpleNamespace) -> bool:
+    """fla-core 0.6 refuses the gated chunk backward on Hopper with Triton in [3.4.0, 3.7.1) (fla issue #640),
+    unless our replacement for the refused piece is registered with fla (``hopper_backward.py``)."""
+    if not (torch.is_grad_enabled() and tensor.requires_grad and tensor.is_cuda) or fla.hopper_backward:
         return False
-    if torch.cuda.get_device_capability(tensor.device)[0] != 9:
-        return False
-    version = _triton_version()
-    return version is not None and (3, 4, 0) <= version < (3, 7, 1)
+    return hopper_backward.refused_by_fla(tensor)
 
 
 def fla_kernels(tensor: torch.Tensor) -> SimpleNamespace | None:
@@ -111,7 +111,7 @@ def fla_kernels(tensor: torch.Tensor) -> SimpleNamespace | None:
             "Install `fla-core` and `triton` for the fast path.",
         )
         return None
-    if _hopper_backward_refused(tensor):
+    if _hopper_backward_refused(tensor, fla):
         if "hopper" not in _logged:
             _logged.add("hopper")
             logger.warning(

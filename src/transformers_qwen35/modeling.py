@@ -260,7 +260,9 @@ class Qwen3_5GatedDeltaNet(nn.Module):
             mixed, beta, g = (t.reshape(1, batch * length, *t.shape[2:]) for t in (mixed, beta, g))
             cu_seqlens = segments.cu_seqlens
             position_in_segment = segments.position_in_segment.reshape(1, -1)
-        conv_input = mixed
+        # Speculative verification records the conv's input; otherwise let it go once convolved: at 64k tokens
+        # it is ~0.8 GB (0.8B) that would stay alive through the recurrence.
+        conv_input = mixed if cache is not None and cache.speculating else None
         mixed, new_conv_state = kernels.causal_conv1d(
             mixed,
             self.conv1d.weight.squeeze(1),
@@ -452,21 +454,54 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
 
 
 def _static_cache_requested(model, kwargs: dict) -> bool:
-    """Whether ``generate()`` was asked for ``cache_implementation="static"`` (as an argument or in the generation
-    config). Ours is a static *hybrid* cache (static_decode.py): the request is taken out of what transformers sees,
-    which would otherwise build its attention-only StaticCache."""
+    """Whether ``generate()`` decodes on our fixed-shape state (static_decode.py: a static *hybrid* cache, CUDA graphs
+    on a GPU): asked for with ``cache_implementation="static"`` (argument or generation config), and the default on
+    CUDA for the requests it serves. ``cache_implementation="dynamic"`` keeps transformers' own loop. The request is
+    taken out of what transformers sees, which would otherwise build its attention-only StaticCache or DynamicCache."""
     requested = kwargs.pop("cache_implementation", None)
+    if requested == "dynamic":
+        return False  # our growing hybrid cache, transformers' loop
     if requested not in (None, "static"):
         kwargs["cache_implementation"] = requested
         return False
     config = kwargs.get("generation_config") or model.generation_config
-    if requested is None and getattr(config, "cache_implementation", None) == "static":
+    configured = getattr(config, "cache_implementation", None)
+    if requested is None and configured == "static":
         requested = "static"
-    if requested == "static" and getattr(config, "cache_implementation", None) == "static":
+    if requested == "static" and configured == "static":
         config = copy.deepcopy(config)
         config.cache_implementation = None
         kwargs["generation_config"] = config
+    if requested is None and configured is None:
+        return _static_by_default(model, kwargs)
     return requested == "static"
+
+
+def _decodes_on_cuda_graphs(model) -> bool:
+    from .static_decode import cuda_graphs_enabled
+
+    return model.device.type == "cuda" and cuda_graphs_enabled()
+
+
+def _static_by_default(model, kwargs: dict) -> bool:
+    """On CUDA, plain ``generate()`` replays each decoding step as a CUDA graph (many times faster than launching
+    ~24 layers of small kernels from Python) whenever the request is one the static loop serves exactly; anything
+    else (beam search, per-step outputs, a cache to continue, a returned cache...) keeps transformers' loop."""
+    from . import speculative
+
+    if not _decodes_on_cuda_graphs(model):
+        return False
+    config = kwargs.get("generation_config") or model.generation_config
+    for key in ("return_dict_in_generate", "custom_generate", "synced_gpus"):
+        if kwargs.get(key, getattr(config, key, None)):
+            return False
+    if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+        return False
+    try:
+        speculative.check_request(model, 0, kwargs)
+    except ValueError:
+        return False
+    return True
 
 
 # The official vocabulary's end-of-turn and end-of-text ids: chat generation must stop at either.

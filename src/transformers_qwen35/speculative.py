@@ -33,7 +33,11 @@ from transformers.generation import (
     EosTokenCriteria,
     GenerateDecoderOnlyOutput,
     MaxLengthCriteria,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
     MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -42,10 +46,16 @@ from transformers.generation import (
 from .cache import Qwen3_5HybridCache
 from .modeling import CACHE_FIELD, _attention_mask
 from .mtp import mtp_head
+from .sampling import PresencePenaltyLogitsProcessor
 from .static_decode import GraphedBlock, cuda_graphs_enabled, forward_block, static_cache_for
 
 # Processors that ignore input_ids: these may score every drafted position in one call.
 POSITION_FREE_PROCESSORS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
+# Processors without side effects: calling one once more, on a step whose result is thrown away, changes nothing.
+PURE_PROCESSORS = POSITION_FREE_PROCESSORS + (
+    RepetitionPenaltyLogitsProcessor, MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor,
+    SuppressTokensLogitsProcessor, PresencePenaltyLogitsProcessor,
+)  # fmt: skip
 UNSUPPORTED_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
 
 
@@ -154,6 +164,8 @@ def mtp_generate(
         streamer.put(input_ids.cpu())  # the prompt first, as plain generate() does
     run = _Run(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, draft_tokens, static)
     run.prefill(model_kwargs)
+    if run.plain:
+        run.decode_plain()
     while run.unfinished.any():
         run.round()
     if streamer is not None:
@@ -200,6 +212,8 @@ class _Run:
         self._fast_criteria = all(isinstance(c, (EosTokenCriteria, MaxLengthCriteria)) for c in criteria)
         eos = [c.eos_token_id for c in criteria if isinstance(c, EosTokenCriteria)]
         self.eos = torch.cat([e.reshape(-1) for e in eos]).to(self.device) if eos else None
+        # Plain static decoding with end-of-sequence / length stops and no streamer: the lean loop of decode_plain.
+        self.plain = static and not draft_tokens and self._fast_criteria and streamer is None
 
     # --- model passes ---------------------------------------------------------------------------------------------
 
@@ -332,6 +346,59 @@ class _Run:
             cache=self.cache,
             use_cache=True,
         ).last_hidden_state
+
+    def decode_plain(self) -> None:
+        """Plain decoding on the static cache, one token per row per step, with no host synchronisation inside a
+        step: every row still generating has made the same number of steps (``self.count`` equals the host-side
+        ``steps`` for them), so the loop needs neither per-row counts nor per-step checks on the host. Whether any row
+        is still generating is read one step late (through pinned memory), so the CPU prepares step ``n + 1`` while
+        the GPU runs step ``n``; the one step it may run past the end commits nothing (no row is generating), and
+        is taken only when the logits processors have no side effects to repeat."""
+        steps = 1  # tokens of the generating rows so far (the prefill chose the first)
+        pending: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        asynchronous = self.device.type == "cuda" and all(isinstance(p, PURE_PROCESSORS) for p in self.processors)
+        while steps < self.limit:  # at the limit no row generates: stop without asking the device
+            self._plain_step(steps)
+            steps += 1
+            if not asynchronous:
+                if not bool(self.unfinished.any()):
+                    break
+                continue
+            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            flag.copy_(self.unfinished.any(), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            pending.append((flag, done))
+            if len(pending) > 1:
+                flag, done = pending.pop(0)
+                done.synchronize()
+                if not bool(flag):
+                    break
+
+    def _plain_step(self, steps: int) -> None:
+        hidden = self._forward_block(self.last[:, None], self.position[:, None])
+        logits = self.model.lm_head(hidden).float()  # (B, 1, V)
+        if self.processors:
+            # Rows still generating have ``steps`` tokens; a stopped row's later slots hold padding, exactly the
+            # input_ids transformers shows processors for finished rows.
+            ids = torch.cat([self.prompt, self.generated[:, :steps]], 1)
+            scores = self.processors(ids, logits[:, 0])
+        else:
+            scores = logits[:, 0]
+        token = self._choose(scores)
+        self.stats.rounds += 1
+        take = self.unfinished
+        slot = self.count[:, None]
+        self.generated.scatter_(1, slot, torch.where(take[:, None], token[:, None], self.generated.gather(1, slot)))
+        self.count += take
+        if self.eos is not None:  # the only criterion besides the length (the lean loop's condition)
+            fired = take & ~self.stopped & torch.isin(token, self.eos)
+            self.stop_count = torch.where(fired, self.count, self.stop_count)
+            self.stopped |= fired
+        self.unfinished = self._generating()
+        self.position = self.position + 1
+        self.last = token
+        self.cache.advance(1)
 
     def draft(self, k: int):
         """``k`` drafts ``(B, k)`` and the scores they were chosen from ``(B, k, V)``. The first comes from the MTP

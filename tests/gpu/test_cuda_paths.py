@@ -11,7 +11,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import build_pair, relative_error
+from conftest import ROPE, build_pair, relative_error
 
 from transformers_qwen35 import kernels
 from transformers_qwen35.modeling import CACHE_FIELD
@@ -22,10 +22,11 @@ pytestmark = [
 ]
 
 DEVICE = "cuda"
-# fla's kernels want head dims of at least 16 and a multiple of 16: widen the tiny CPU config.
+# fla's kernels want head dims of at least 16 and a multiple of 16: widen the tiny CPU config (its multimodal RoPE
+# sections then cover the wider rotary half-dimension, 32 x 0.5 / 2 = 8).
 GPU_SHAPES = dict(
     hidden_size=128, intermediate_size=256, linear_key_head_dim=32, linear_value_head_dim=32, head_dim=32,
-    vocab_size=512,
+    vocab_size=512, rope_parameters={**ROPE, "mrope_section": [4, 2, 2]},
 )  # fmt: skip
 
 
@@ -70,9 +71,65 @@ def test_fla_backward_matches_pytorch_path(monkeypatch):
             loss = ours(ids, labels=ids).loss
         loss.backward()
         results[mode] = (loss.detach().float(), {n: p.grad.float().clone() for n, p in ours.named_parameters()})
+    from transformers_qwen35 import hopper_backward
+
+    if hopper_backward.refused_by_fla(ids.float()):
+        assert kernels._load_fla().hopper_backward, "our replacement for fla's refused backward is not registered"
     assert relative_error(results["fla"][0], results["torch"][0]) < 1e-2
     for name, grad in results["torch"][1].items():
         assert relative_error(results["fla"][1][name], grad) < 5e-2, name
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fla_backward_at_the_real_head_size_where_fla_refuses_its_own(monkeypatch, packed):
+    """Hopper + Triton in [3.4, 3.7.1): fla's own gated chunk backward raises (fla #640); ours replaces the refused
+    piece through fla's backend registry. The whole op (K = V = 128, grouped value heads, bf16) against our PyTorch
+    path in fp32: output, final state and every input gradient. Elsewhere fla's own kernel runs and must agree too."""
+    from transformers_qwen35 import hopper_backward
+    from transformers_qwen35.ops.gated_delta_rule import chunk_gated_delta_rule as torch_chunk
+
+    fla = kernels._load_fla()
+    calls = []
+    original = hopper_backward.chunk_bwd_dqkwg
+    monkeypatch.setattr(hopper_backward, "chunk_bwd_dqkwg", lambda *a, **k: calls.append(1) or original(*a, **k))
+    generator = torch.Generator(device=DEVICE).manual_seed(11)
+    batch, length = (1, 1000) if packed else (2, 300)
+    heads, value_heads, dim = 4, 8, 128
+
+    def randn(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=generator, device=DEVICE).to(dtype).requires_grad_()
+
+    q, k = randn(batch, length, heads, dim), randn(batch, length, heads, dim)
+    v = randn(batch, length, value_heads, dim)
+    g = (-torch.rand(batch, length, value_heads, generator=generator, device=DEVICE) * 0.2).requires_grad_()
+    beta = torch.rand(batch, length, value_heads, generator=generator, device=DEVICE).bfloat16().requires_grad_()
+    cu_seqlens = torch.tensor([0, 300, 1000], device=DEVICE) if packed else None
+    state = None if packed else randn(batch, value_heads, dim, dim, dtype=torch.float32)
+    inputs = [x for x in (q, k, v, g, beta, state) if x is not None]
+    do = torch.randn(batch, length, value_heads, dim, generator=generator, device=DEVICE)
+    dfinal = torch.randn(1 if packed else batch, value_heads, dim, dim, generator=generator, device=DEVICE)
+    if packed:
+        dfinal = torch.cat([dfinal, dfinal.flip(1)])
+
+    def gradients(run):
+        out, final = run()
+        torch.autograd.backward([out.float(), final.float()], [do, dfinal])
+        grads = [x.grad.float().clone() for x in inputs]
+        for x in inputs:
+            x.grad = None
+        return [out.float().detach(), final.float().detach(), *grads]
+
+    fast = gradients(lambda: fla.chunk(q, k, v, g=g, beta=beta, initial_state=state, output_final_state=True,
+                                       cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True))  # fmt: skip
+    upcast = [x.float() if x is not None else None for x in (q, k, v, g, beta, state)]
+    exact = gradients(lambda: torch_chunk(*upcast, output_final_state=True, cu_seqlens=cu_seqlens))
+    if hopper_backward.refused_by_fla(q):
+        assert fla.hopper_backward and calls, "fla's refused piece did not run on our replacement"
+    else:
+        assert not calls
+    names = ["output", "final state", "dq", "dk", "dv", "dg", "dbeta", "dstate"]
+    for name, got, expected in zip(names, fast, exact):
+        assert relative_error(got, expected) < 3e-2, name
 
 
 def test_packed_sequences_stay_apart_on_fla(monkeypatch):
@@ -133,7 +190,7 @@ def _generate(model, **kwargs):
 
 def test_mtp_greedy_is_lossless_on_the_gpu(official_tiny, monkeypatch):
     _with_kernels(monkeypatch, "auto")
-    reference = _generate(official_tiny)
+    reference = _generate(official_tiny, cache_implementation="dynamic")  # transformers' own loop
     for draft_tokens in (1, 2, 3, 4):
         assert torch.equal(_generate(official_tiny, mtp_draft_tokens=draft_tokens), reference), draft_tokens
 
@@ -142,7 +199,8 @@ def test_static_decoding_with_cuda_graphs_equals_plain_decoding(official_tiny, m
     from transformers_qwen35.static_decode import CUDA_GRAPHS_ENV
 
     _with_kernels(monkeypatch, "auto")
-    reference = _generate(official_tiny)
+    reference = _generate(official_tiny, cache_implementation="dynamic")  # transformers' own loop
+    assert torch.equal(_generate(official_tiny), reference)  # plain generate() on CUDA: static with graphs
     for graphs in ("1", "0"):
         monkeypatch.setenv(CUDA_GRAPHS_ENV, graphs)
         for draft_tokens in (0, 2):
