@@ -453,8 +453,10 @@ def bench_decode(models, batches, prompt, new, vocab, device, args) -> tuple[lis
         variants[cache_label(other)] = (models[OURS], dict(cache_implementation=other))
     for draft_tokens in args.mtp:
         # MTP rows verify drafts on the static cache where asked (the default on a GPU).
-        mtp = dict(cache_implementation="static", mtp_draft_tokens=draft_tokens) if args.static else dict(
-            mtp_draft_tokens=draft_tokens
+        mtp = (
+            dict(cache_implementation="static", mtp_draft_tokens=draft_tokens)
+            if args.static
+            else dict(mtp_draft_tokens=draft_tokens)
         )
         variants[mtp_label(draft_tokens)] = (models[OURS], mtp)
         if args.mtp_oracle:
@@ -749,7 +751,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", choices=SIZES, default="tiny")
     parser.add_argument(
-        "--what", default="prefill,decode,train", help="comma-separated subset of " + ",".join(WHAT) + ", run in this order"
+        "--what",
+        default="prefill,decode,train",
+        help="comma-separated subset of " + ",".join(WHAT) + ", run in this order",
     )
     parser.add_argument("--quick", action="store_true", help="shorter sequences and fewer tokens")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")

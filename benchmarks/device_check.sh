@@ -147,7 +147,8 @@ EOF
 if [[ -d tests/gpu ]]; then
     log "running pytest -q tests/gpu"
     rc=0
-    timeout "$(allow 150)" "$PY" -m pytest -q -p no:cacheprovider tests/gpu >"$OUT/pytest.txt" 2>&1 || rc=$?
+    # -v: each result is written as it comes, so a run cut short by the budget still shows what passed.
+    timeout "$(allow 170)" "$PY" -m pytest -v --durations=12 -p no:cacheprovider tests/gpu >"$OUT/pytest.txt" 2>&1 || rc=$?
     tail -n 15 "$OUT/pytest.txt"
     log "pytest rc $rc"
 else

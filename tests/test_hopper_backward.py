@@ -80,7 +80,9 @@ def test_matches_autograd_of_the_chunk_forward(
     if varlen:
         chunks = _chunks(lengths, chunk_size)
     else:
-        chunks = [(row * length + s, row * length + e) for row in range(batch) for s, e in _chunks([length], chunk_size)]
+        chunks = [
+            (row * length + s, row * length + e) for row in range(batch) for s, e in _chunks([length], chunk_size)
+        ]
     q, k, v, do, dv, w, g, h, dh = _inputs(batch, length, heads, value_heads, 16, 8, chunks, chunk_size,
                                            state_v_first, seed=len(chunks))  # fmt: skip
     cu_seqlens = chunk_indices = None

@@ -51,7 +51,7 @@ def chunk_bwd_dqkwg(
     if g is None or g_gamma is not None:
         raise ValueError("this chunk_bwd_dqkwg serves the gated case only (g given, no g_gamma).")
     batch, length, heads, key_dim = k.shape
-    value_heads, value_dim = v.shape[2], v.shape[3]
+    value_heads = v.shape[2]
     tokens, valid = _chunk_tokens(batch, length, chunk_size, cu_seqlens, chunk_indices, k.device)
     chunks = tokens.shape[0]
     scale = key_dim**-0.5 if scale is None else scale
