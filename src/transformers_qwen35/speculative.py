@@ -355,8 +355,10 @@ class _Run:
         the GPU runs step ``n``; the one step it may run past the end commits nothing (no row is generating), and
         is taken only when the logits processors have no side effects to repeat."""
         steps = 1  # tokens of the generating rows so far (the prefill chose the first)
-        pending: list[tuple[torch.Tensor, torch.cuda.Event]] = []
         asynchronous = self.device.type == "cuda" and all(isinstance(p, PURE_PROCESSORS) for p in self.processors)
+        if asynchronous:  # two host flags, written alternately by the device and read one step later
+            flags = torch.ones(2, dtype=torch.bool, pin_memory=True)
+            written = [torch.cuda.Event(), torch.cuda.Event()]
         while steps < self.limit:  # at the limit no row generates: stop without asking the device
             self._plain_step(steps)
             steps += 1
@@ -364,15 +366,12 @@ class _Run:
                 if not bool(self.unfinished.any()):
                     break
                 continue
-            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-            flag.copy_(self.unfinished.any(), non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            pending.append((flag, done))
-            if len(pending) > 1:
-                flag, done = pending.pop(0)
-                done.synchronize()
-                if not bool(flag):
+            now, before = steps % 2, (steps + 1) % 2
+            flags[now].copy_(self.unfinished.any(), non_blocking=True)
+            written[now].record()
+            if steps > 2:  # the previous step's flag (the first step's check is this one's, one late)
+                written[before].synchronize()
+                if not bool(flags[before]):
                     break
 
     def _plain_step(self, steps: int) -> None:
