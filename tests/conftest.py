@@ -183,12 +183,15 @@ def install_fake_fla(monkeypatch, impl):
         "fla.modules.causal_conv1d": types.ModuleType("fla.modules.causal_conv1d"),
         "fla.modules.norm": types.ModuleType("fla.modules.norm"),
         "fla.modules.norm.fused_norm_gate": types.ModuleType("fla.modules.norm.fused_norm_gate"),
+        "fla.modules.norm.layernorm": types.ModuleType("fla.modules.norm.layernorm"),
     }
     modules["fla.ops.gated_delta_rule"].chunk_gated_delta_rule = impl["chunk"]
     modules["fla.ops.gated_delta_rule"].fused_recurrent_gated_delta_rule = impl["recurrent"]
     modules["fla.modules.causal_conv1d"].causal_conv1d = impl["conv"]
     modules["fla.modules.causal_conv1d"].causal_conv1d_update = impl["conv_update"]
     modules["fla.modules.norm.fused_norm_gate"].rms_norm_gated = impl["norm"]
+    if "rms_norm" in impl:
+        modules["fla.modules.norm.layernorm"].rms_norm = impl["rms_norm"]
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(kernels, "_logged", set())
@@ -236,7 +239,17 @@ def install_exact_fake_fla(monkeypatch) -> list[tuple]:
         assert activation == "silu" and eps == 1e-6
         return kernels.torch_gated_rms_norm(x, gate, weight, eps)
 
-    install_fake_fla(monkeypatch, dict(chunk=chunk, recurrent=recurrent, conv=conv, conv_update=conv_update, norm=norm))
+    def rms_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False):
+        # fla's LayerNormFunction with is_rms_norm: y = x * rstd * weight, in fp32, stored in x's dtype
+        assert bias is None and residual is None and not prenorm and weight.shape == x.shape[-1:]
+        calls.append(("rms_norm", x.shape[-2] if x.dim() > 1 else 1, False))
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+    install_fake_fla(
+        monkeypatch,
+        dict(chunk=chunk, recurrent=recurrent, conv=conv, conv_update=conv_update, norm=norm, rms_norm=rms_norm),
+    )
     return calls
 
 

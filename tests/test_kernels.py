@@ -89,7 +89,9 @@ def test_importable_but_broken_fla_never_runs_on_cpu(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("0 active drivers ([]). There should only be one.")
 
-    install_fake_fla(monkeypatch, dict.fromkeys(["chunk", "recurrent", "conv", "conv_update", "norm"], broken))
+    install_fake_fla(
+        monkeypatch, dict.fromkeys(["chunk", "recurrent", "conv", "conv_update", "norm", "rms_norm"], broken)
+    )
     monkeypatch.setenv(kernels.KERNELS_ENV, "auto")
     ours, _ = build_pair(seed=4)
     ids = torch.randint(1, 99, (1, 9))
@@ -114,6 +116,17 @@ def test_forced_fla_path_passes_the_documented_arguments(monkeypatch):
     with torch.no_grad():
         ours(ids, position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None])
     assert ("chunk", 12, True) in calls and ("conv", 12, True) in calls
+    assert any(call[0] == "rms_norm" for call in calls)
+    # The norms' weights get their gradients through the 1 + w handed to fla.
+    gradients = {}
+    for mode in ("torch", "fla"):
+        monkeypatch.setenv(kernels.KERNELS_ENV, mode)
+        ours.zero_grad(set_to_none=True)
+        ours(ids, labels=ids).loss.backward()
+        gradients[mode] = {name: p.grad.clone() for name, p in ours.named_parameters() if "layernorm" in name}
+    assert gradients["fla"] and all(
+        relative_error(gradients["fla"][name], grad) < 1e-5 for name, grad in gradients["torch"].items()
+    )
     kernels._load_fla.cache_clear()
 
 
@@ -124,3 +137,26 @@ def test_forced_fla_without_fla_says_how_to_fix(monkeypatch):
     with pytest.raises(RuntimeError, match="pip install"):
         kernels.fla_kernels(torch.zeros(1))
     kernels._load_fla.cache_clear()
+
+
+def test_training_under_bf16_autocast_on_the_pytorch_path(monkeypatch):
+    """Trainer(bf16=True) trains under autocast: the recurrence keeps computing in fp32 (its triangular solves have
+    no bf16 kernels), and loss and gradients stay as close to the fp32 step as built-in transformers' under the same
+    autocast (bf16 rounding alone moves a tiny random model's gradients by ~15%)."""
+    monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
+    ids = torch.randint(1, 99, (2, 40), generator=torch.Generator().manual_seed(0))
+    distance = {}
+    for name, model in zip(("ours", "built-in"), build_pair(seed=1)):
+        model.train()
+        results = {}
+        for autocast in (False, True):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(ids, labels=ids).loss
+            loss.backward()
+            grads = {n: p.grad for n, p in model.named_parameters()}
+            results[autocast] = loss.detach(), torch.cat([grads[n].reshape(-1) for n in sorted(grads)])
+        (exact_loss, exact), (loss, grads) = results[False], results[True]
+        assert abs(float(loss - exact_loss)) < 1e-2 * float(exact_loss), name
+        distance[name] = float((grads - exact).norm() / exact.norm())
+    assert distance["ours"] < 1.5 * distance["built-in"], distance

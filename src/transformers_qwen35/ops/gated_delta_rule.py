@@ -33,6 +33,7 @@ never wrong.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -42,6 +43,19 @@ CHUNK_SIZE = 64
 NEGLIGIBLE_LOG_DECAY = -60.0
 # exp() of a clamped log-decay lands at most a rounding error above exp(NEGLIGIBLE_LOG_DECAY): flushed below this.
 _FLUSH_BELOW = math.exp(NEGLIGIBLE_LOG_DECAY) * (1 + 1e-4)
+
+
+def _in_fp32(function):
+    """Run ``function`` with autocast off: the recurrence is computed in fp32 by design, and under autocast
+    (``Trainer(bf16=True)``) its matmuls would come out in bf16, which the triangular solves have no kernels for (and
+    the states would lose their precision). The output is still cast to the values' dtype."""
+
+    @functools.wraps(function)
+    def run(q, *args, **kwargs):
+        with torch.autocast(q.device.type, enabled=False):
+            return function(q, *args, **kwargs)
+
+    return run
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6, scale: float = 1.0, inplace: bool = False) -> torch.Tensor:
@@ -73,6 +87,7 @@ def _prepare(q, k, v, g, beta):
     )
 
 
+@_in_fp32
 def recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_state=False):
     """Token-by-token form. Shapes: q, k ``(B, T, H_k, d_k)``; v ``(B, T, H_v, d_v)``; g, beta ``(B, T, H_v)``;
     state ``(B, H_v, d_k, d_v)`` fp32. Returns ``(o (B, T, H_v, d_v) in v's dtype, final state or None)``."""
@@ -184,6 +199,7 @@ def _chunk_single(q, k, v, g, beta, state, chunk_size):
     return out.view(batch, n * size, heads, d_v)[:, :length], state.view(batch, heads, d_k, d_v)
 
 
+@_in_fp32
 def chunk_gated_delta_rule(
     q, k, v, g, beta, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=CHUNK_SIZE
 ):
