@@ -764,6 +764,12 @@ def parse_args(argv=None):
     parser.add_argument("--decode-batch", help="decode batch sizes, comma-separated (e.g. 1,8)")
     parser.add_argument("--train", help="training shape BxT (e.g. 1x4096)")
     parser.add_argument("--optimizer", choices=("adamw", "sgd", "none"), default="adamw")
+    parser.add_argument(
+        "--loss-chunk-size",
+        type=int,
+        help="rows per chunk of our training loss (model.loss_chunk_size; default: as many as keep a chunk's fp32 "
+        "logits within 256 MiB, 270 rows at the official vocabulary)",
+    )
     parser.add_argument("--repeats", type=int, help="timed runs per model and measurement (median reported)")
     parser.add_argument("--warmup", type=int, help="untimed runs per model before the timed ones")
     parser.add_argument("--attn", default="sdpa", help="attention implementation for both models")
@@ -838,6 +844,8 @@ def main(argv=None) -> dict:
 def _run(args, device, dtype, threads, started) -> dict:
     ours, builtin = build_models(args.size, device, dtype, args.seed, args.attn, args.vocab)
     models = {OURS: ours, BUILTIN: builtin}
+    if args.loss_chunk_size:
+        ours.loss_chunk_size = args.loss_chunk_size
     vocab = min(ours.config.vocab_size, 32000)
     parameters = sum(p.numel() for p in ours.parameters())
     errors = correctness_guard(ours, builtin, device, dtype, vocab, args.guard_tolerance)
@@ -853,6 +861,7 @@ def _run(args, device, dtype, threads, started) -> dict:
         "vocab": ours.config.vocab_size,
         "attn": args.attn,
         "optimizer": args.optimizer,
+        "loss_chunk_size": args.loss_chunk_size,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "quick": args.quick,
