@@ -182,3 +182,32 @@ def test_processors_see_the_input_ids_of_transformers_loop(model):
     assert len(seen) == len(expected)
     for step, (got, want) in enumerate(zip(seen, expected)):
         assert torch.equal(got, want), step
+
+
+def test_adapter_switches_are_never_replayed_from_a_stale_capture(checkpoint, monkeypatch):
+    """A captured graph replays the Python branches of its forward: PEFT adapters switched on or off (same weights,
+    same addresses) must give a new capture, and such models keep transformers' loop unless static is asked for."""
+    peft = pytest.importorskip("peft")
+    from transformers_qwen35 import modeling
+    from transformers_qwen35.static_decode import _CACHES
+
+    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["in_proj_qkv", "o_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(base, config).eval()
+    ids, mask = _prompts(seed=8)
+    adapted, plain = _generate(model, ids, mask), None
+    with model.disable_adapter():
+        plain = _generate(model, ids, mask)
+    assert not torch.equal(adapted, plain)  # the adapter matters here
+
+    assert torch.equal(_generate(model, ids, mask, cache_implementation="static"), adapted)
+    first = _CACHES[base]
+    with model.disable_adapter():
+        assert torch.equal(_generate(model, ids, mask, cache_implementation="static"), plain)
+    assert _CACHES[base] is not first
+    assert torch.equal(_generate(model, ids, mask, cache_implementation="static"), adapted)
+
+    monkeypatch.setattr(modeling, "_decodes_on_cuda_graphs", lambda model: True)
+    _CACHES.pop(base)
+    assert torch.equal(_generate(model, ids, mask), adapted)
+    assert base not in _CACHES  # the default keeps transformers' loop for adapted models

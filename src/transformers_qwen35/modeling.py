@@ -487,8 +487,13 @@ def _static_by_default(model, kwargs: dict) -> bool:
     ~24 layers of small kernels from Python) whenever the request is one the static loop serves exactly; anything
     else (beam search, per-step outputs, a cache to continue, a returned cache...) keeps transformers' loop."""
     from . import speculative
+    from .static_decode import adapter_layers
 
     if not _decodes_on_cuda_graphs(model):
+        return False
+    if adapter_layers(model):
+        # PEFT adapters switch in Python (enable, disable, set_adapter, scale): each switch would need a new capture.
+        # Such models keep transformers' loop unless asked (cache_implementation="static" recaptures on a switch).
         return False
     config = kwargs.get("generation_config") or model.generation_config
     for key in ("return_dict_in_generate", "custom_generate", "synced_gpus"):

@@ -80,7 +80,7 @@ class StaticHybridCache(Qwen3_5HybridCache):
         self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # first slot the next block writes
         self.graphs: dict[int, GraphedBlock] = {}  # block length -> captured forward over these buffers
-        self.weights: tuple = ()  # addresses of the parameters the graphs read (see static_cache_for)
+        self.captured_for: tuple = ()  # graph_key() of the model the graphs were captured from
 
     @classmethod
     def from_prefill(cls, cache: Qwen3_5HybridCache, key_valid: torch.Tensor, capacity: int, config):
@@ -113,11 +113,11 @@ class StaticHybridCache(Qwen3_5HybridCache):
         self.speculating = False
         self._linear_steps.clear()
 
-    def fits(self, batch: int, needed: int, dtype: torch.dtype, device: torch.device, weights: tuple) -> bool:
+    def fits(self, batch: int, needed: int, dtype: torch.dtype, device: torch.device, key: tuple) -> bool:
         state = self.key_valid
         return (
             state.shape[0] == batch and self.capacity >= needed and state.device == device
-            and self.dtype == dtype and self.weights == weights
+            and self.dtype == dtype and self.captured_for == key
         )  # fmt: skip
 
     @property
@@ -160,21 +160,48 @@ class StaticHybridCache(Qwen3_5HybridCache):
         self.seen_tokens += longest
 
 
+def adapter_layers(model) -> list:
+    """The PEFT adapter layers injected into ``model`` (none without peft installed)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except Exception:  # peft not installed (or broken): no adapter layers can exist
+        return []
+    return [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+
+
+def graph_key(model) -> tuple:
+    """What a captured graph depends on beyond its buffers' shapes. It replays the kernels, weight addresses and Python
+    branches of the forward it recorded: new parameter storage (a moved or reloaded model, added adapters), train/eval
+    mode, the kernel choice, and PEFT adapter state (enabled, active, merged, scaling; switched without touching the
+    weights' memory) each need a new capture. In-place weight updates need none: the graph reads the memory."""
+    from .kernels import kernel_mode
+
+    adapters = tuple(
+        (
+            tuple(layer.active_adapters),
+            bool(layer.disable_adapters),
+            tuple(layer.merged_adapters),
+            tuple(sorted(getattr(layer, "scaling", {}).items())),
+        )
+        for layer in adapter_layers(model)
+    )
+    weights = tuple(parameter.data_ptr() for parameter in model.parameters())
+    return weights, model.training, kernel_mode(), adapters
+
+
 def static_cache_for(model, prefill: Qwen3_5HybridCache, key_valid: torch.Tensor, needed: int, config):
     """The static cache for decoding ``needed`` positions after this prompt, holding the prompt's state: the model's
-    cache of the previous call (with its graphs) when it fits, else a new one replacing it.
-
-    The graphs read the parameters at the addresses they had at capture: moving the model, or wrapping it in new
-    parameters (adapters), changes those addresses and forces a new cache."""
+    cache of the previous call (with its graphs) when it fits and the model is as it was at capture (``graph_key``),
+    else a new one replacing it."""
     reference = next(state for state in prefill.key_cache if state is not None)
-    weights = tuple(parameter.data_ptr() for parameter in model.parameters())
+    key = graph_key(model)
     cached = _CACHES.get(model)
-    if cached is None or not cached.fits(key_valid.shape[0], needed, reference.dtype, reference.device, weights):
+    if cached is None or not cached.fits(key_valid.shape[0], needed, reference.dtype, reference.device, key):
         _CACHES.pop(model, None)  # free the old buffers and graph memory before allocating the new ones
         del cached
         capacity = -(-needed // CAPACITY_STEP) * CAPACITY_STEP
         cached = StaticHybridCache(config, key_valid.shape[0], capacity, reference.dtype, reference.device)
-        cached.weights = weights
+        cached.captured_for = key
         _CACHES[model] = cached
     cached.load_prefill(prefill, key_valid)
     return cached
