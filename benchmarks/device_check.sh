@@ -5,10 +5,10 @@
 #   env.txt             versions, kernel availability, nvidia-smi
 #   install.txt         what was installed from .whl/ and how our package imported
 #   pytest.txt          tests/gpu (or a line saying there are none)
-#   breakdown.txt       benchmarks/decode_breakdown.py: a static decoding step taken apart (+ breakdown.json)
-#   profile.txt         torch.profiler table of one static generate() at batch 1
 #   compare_0.8B.txt    benchmarks/compare_native.py output (table + JSON line)
 #   compare_0.8B.json   full results (rewritten after every phase, so a cut-short run keeps what it measured)
+#   profile_steps.txt   benchmarks/profile_steps.py: the kernels that take the time in decode and training
+#   breakdown.txt       benchmarks/decode_breakdown.py: a static decoding step taken apart (replay, head, loop)
 #
 # Wheels carried in .whl/ (git-ignored; the device tool must be told to carry ".whl"):
 #   .whl/*.whl                        always installed (--no-deps): fla-core
@@ -16,7 +16,10 @@
 #   .whl/transformers-fallback/*.whl  installed only if our package fails to import with the machine's
 #                                     transformers (our pyproject asks for >= 5.23; 5.17 is what the image has)
 #
-# The whole script stays under 6 minutes: every step runs under `timeout` with what is left of BUDGET_S.
+# Every step runs under `timeout` with what is left of BUDGET_S, most wanted first. Measured on the H100
+# (2026-11-27): start ~30 s, installs + probe ~40 s, tests/gpu >= 100 s (Triton compiles fla's kernels for each new
+# shape, in each new process), the 0.8B comparison ~60 s of setup and compilation plus ~60 s for decode (~105 s with
+# the MTP rows), ~85 s for train, ~50 s for prefill (4k, 16k, 64k).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -26,6 +29,8 @@ PY="${PYTHON:-python3}"
 BUDGET_S="${BUDGET_S:-345}"
 BENCH_ARGS="${BENCH_ARGS:-}"
 COMPARE_WHAT="${COMPARE_WHAT:-decode,train,prefill}" # most wanted first: a run cut short keeps those
+COMPARE_MTP="${COMPARE_MTP:-}"                         # e.g. 2: MTP rows (random head and always-right drafts)
+PROFILE_WHAT="${PROFILE_WHAT:-decode,train}"           # profile_steps.py phases; empty: skip
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 STARTED=$SECONDS
 
@@ -158,15 +163,23 @@ fi
 # 5. The benchmark: ours vs built-in transformers, 0.8B shape, bf16.
 log "running compare_native.py --device cuda --size 0.8B"
 rc=0
+# MTP rows only when asked (COMPARE_MTP=K): K drafts with the random head (the cost of rejected drafts) and with
+# always-right drafts (the ceiling).
+mtp=(--mtp 0)
+if [[ -n $COMPARE_MTP ]]; then mtp=(--mtp "$COMPARE_MTP" --mtp-oracle); fi
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of extra options
-# MTP: K = 2 with the random head (the cost of rejected drafts) and with always-right drafts (the ceiling).
 timeout "$(allow 330)" "$PY" benchmarks/compare_native.py --device cuda --size 0.8B --what "$COMPARE_WHAT" \
-    --mtp 2 --mtp-oracle --json-out "$OUT/compare_0.8B.json" $BENCH_ARGS 2>&1 | tee "$OUT/compare_0.8B.txt" || rc=$?
+    "${mtp[@]}" --json-out "$OUT/compare_0.8B.json" $BENCH_ARGS 2>&1 | tee "$OUT/compare_0.8B.txt" || rc=$?
 log "compare_native rc $rc (124: cut short by the time budget; the JSON keeps the finished phases)"
 
-# 6. Where our static decoding step spends its time (replay, head, loop), and the weight-reading floor.
+# 6. Which kernels take the time (decode, training step), then a static decoding step taken apart.
+if [[ -n $PROFILE_WHAT ]]; then
+    log "running profile_steps.py --size 0.8B --what $PROFILE_WHAT"
+    timeout "$(allow 90)" "$PY" benchmarks/profile_steps.py --size 0.8B --what "$PROFILE_WHAT" \
+        --out "$OUT/profile_steps.txt" >/dev/null 2>&1 || log "profile_steps rc $?"
+fi
 log "running decode_breakdown.py --size 0.8B"
-timeout "$(allow 90)" "$PY" benchmarks/decode_breakdown.py --size 0.8B --batch 1,8 --profile "$OUT/profile.txt" \
-    --json-out "$OUT/breakdown.json" 2>&1 | tee "$OUT/breakdown.txt" || log "decode_breakdown rc $?"
+timeout "$(allow 90)" "$PY" benchmarks/decode_breakdown.py --size 0.8B --batch 1,8 2>&1 | tee "$OUT/breakdown.txt" ||
+    log "decode_breakdown rc $?"
 log "done in $((SECONDS - STARTED)) s"
 exit "$rc"

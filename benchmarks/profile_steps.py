@@ -1,0 +1,121 @@
+"""Where our model's time goes, kernel by kernel: torch.profiler over one static decoding call, one training step
+and one prefill of our model (random weights), each summarised as the kernels (CUDA) or operators (CPU) that take
+the most time, with their counts.
+
+    python benchmarks/profile_steps.py --size 0.8B --out out/profile_steps.txt
+
+Explains our own figures; speed comparisons with built-in transformers live in ``compare_native.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_native import SIZES, make_optimizer, random_ids, text_config_dict  # noqa: E402
+
+
+def summary(trace, device, rows: int) -> str:
+    """The top ``rows`` entries by self time on the device that ran them, with call counts and the total."""
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in trace.key_averages() if getattr(e, key, 0) > 0]
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events)
+    lines = [f"{'ms':>9} {'share':>6} {'calls':>6}  name (total {total / 1e3:.2f} ms, {len(events)} distinct)"]
+    for event in events[:rows]:
+        value = getattr(event, key)
+        lines.append(f"{value / 1e3:9.3f} {value / total:6.1%} {event.count:6d}  {event.key[:110]}")
+    return "\n".join(lines)
+
+
+def profiled(function, device):
+    from torch.profiler import ProfilerActivity, profile
+
+    function()  # warm-up: compilation, autotuning, graph capture stay out of the profile
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as trace:
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return trace
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", choices=SIZES, default="0.8B")
+    parser.add_argument("--what", default="decode,train,prefill", help="comma-separated, run in this order")
+    parser.add_argument("--decode", default="1x512x17", help="batch x prompt x new tokens")
+    parser.add_argument("--train", type=int, default=4096, help="training tokens (batch 1)")
+    parser.add_argument("--prefill", type=int, default=16384, help="prefill tokens (batch 1)")
+    parser.add_argument("--rows", type=int, default=30, help="entries per table")
+    parser.add_argument("--out", help="also write the tables to this file")
+    args = parser.parse_args(argv)
+
+    import transformers_qwen35
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers_qwen35.Qwen3_5ForCausalLM._from_config(
+            transformers_qwen35.Qwen3_5TextConfig(**text_config_dict(args.size)), dtype=dtype
+        ).eval()
+    vocab = min(model.config.vocab_size, 32000)
+    sections = []
+
+    def report(title, trace):
+        text = f"## {title}\n{summary(trace, device, args.rows)}\n"
+        print(text, flush=True)
+        sections.append(text)
+
+    for what in (w.strip() for w in args.what.split(",") if w.strip()):
+        if what == "decode":
+            batch, prompt, new = (int(x) for x in args.decode.lower().split("x"))
+            ids = random_ids(batch, prompt, vocab, device, seed=1)
+
+            def decode(ids=ids, new=new):
+                with torch.no_grad():
+                    model.generate(
+                        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                        do_sample=False, pad_token_id=0, cache_implementation="static",
+                    )  # fmt: skip
+
+            report(f"static generate(), batch {batch}, prompt {prompt}, {new} new tokens (prefill included)",
+                   profiled(decode, device))  # fmt: skip
+        elif what == "train":
+            ids = random_ids(1, args.train, vocab, device, seed=2)
+            optimizer = make_optimizer(model, "adamw")
+
+            def step(ids=ids, optimizer=optimizer):
+                model.train()
+                model(input_ids=ids, labels=ids).loss.backward()
+                optimizer.step()
+                model.zero_grad(set_to_none=True)
+                model.eval()
+
+            report(f"training step, 1 x {args.train} tokens, AdamW", profiled(step, device))
+            del optimizer
+        elif what == "prefill":
+            ids = random_ids(1, args.prefill, vocab, device, seed=3)
+
+            def prefill(ids=ids):
+                with torch.no_grad():
+                    model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+            report(f"prefill, 1 x {args.prefill} tokens", profiled(prefill, device))
+        else:
+            parser.error(f"--what: unknown {what!r}; choose from decode, train, prefill")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(f"# profile_steps {args.size} {dtype} {device}\n\n" + "\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()
