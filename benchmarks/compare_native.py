@@ -183,6 +183,8 @@ def our_kernel_path(device: torch.device) -> str:
         return "torch (fla not importable)"
     version = kernels._triton_version()
     if torch.cuda.get_device_capability(device)[0] == 9 and version and (3, 4, 0) <= version < (3, 7, 1):
+        if kernels._load_fla().hopper_backward:
+            return "fla (training: with our replacement for the backward piece fla refuses here, fla issue #640)"
         return "fla (training: torch, Hopper + Triton < 3.7.1, fla issue #640)"
     return "fla"
 
