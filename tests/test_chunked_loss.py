@@ -252,16 +252,20 @@ def test_under_no_grad_neither_path_runs_and_the_loss_is_the_same(taken):
     assert taken["fused"] == 1 and relative_error(evaluated, trained) < LOSS_TOL
 
 
+@pytest.mark.parametrize("grouped_chunks", [None, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, "autocast"])
-def test_low_precision_fused_matches_checkpointed(dtype, taken, monkeypatch):
+def test_low_precision_fused_matches_checkpointed(dtype, grouped_chunks, taken, monkeypatch):
     """A bf16 head (the gradients come back in bf16), and an fp32 head under CPU bf16 autocast (logits computed in
     bf16 as F.linear would, fp32 gradients): the fused path against the checkpointed one, to bf16 rounding. The
     fused path's sums over chunks are in fp32, the checkpointed path's in bf16, so both are also compared with the
     fp32 result. CHUNK_ELEMENTS is lowered so that the fused path's fp32 weight-gradient blocks are several (70 rows
-    each, the last one short)."""
+    each, the last one short); GROUP_ELEMENTS so that the weight gradient is accumulated per group of 3 chunks of 7
+    rows (the last group short), or once for all 12 chunks (its default at this vocabulary)."""
     torch.manual_seed(0)
     vocab, width = 300, 64
     monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 70 * width)
+    if grouped_chunks:
+        monkeypatch.setattr(chunked_loss, "GROUP_ELEMENTS", grouped_chunks * 7 * vocab)
     assert len(chunked_loss._vocab_spans(vocab, width, in_place=False)) == 5
     labels = torch.randint(0, vocab, (2, 40))
     labels[0, :10] = -100
