@@ -160,3 +160,24 @@ def test_training_under_bf16_autocast_on_the_pytorch_path(monkeypatch):
         assert abs(float(loss - exact_loss)) < 1e-2 * float(exact_loss), name
         distance[name] = float((grads - exact).norm() / exact.norm())
     assert distance["ours"] < 1.5 * distance["built-in"], distance
+
+
+def test_a_failing_fused_norm_falls_back_to_the_pytorch_norm(monkeypatch):
+    """fla's fused RMSNorm is one kernel among several paths: should it refuse an input, the PyTorch norm gives the
+    same numbers (with one warning) and fla's norm is not tried again."""
+    install_exact_fake_fla(monkeypatch)
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("unsupported input")
+
+    monkeypatch.setattr(sys.modules["fla.modules.norm.layernorm"], "rms_norm", refuses)
+    ours, _ = build_pair(seed=9, rms_norm_eps=1e-6)
+    ids = torch.randint(1, 99, (1, 12))
+    monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
+    with torch.no_grad():
+        reference = ours(ids).logits
+    monkeypatch.setenv(kernels.KERNELS_ENV, "fla")
+    with torch.no_grad():
+        assert relative_error(ours(ids).logits, reference) < 1e-5
+    assert kernels._load_fla().rms_norm is None
+    kernels._load_fla.cache_clear()

@@ -211,3 +211,14 @@ def test_adapter_switches_are_never_replayed_from_a_stale_capture(checkpoint, mo
     _CACHES.pop(base)
     assert torch.equal(_generate(model, ids, mask), adapted)
     assert base not in _CACHES  # the default keeps transformers' loop for adapted models
+
+
+def test_a_failed_capture_decodes_without_graphs(monkeypatch):
+    from transformers_qwen35 import speculative
+
+    class Refused:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(speculative, "GraphedBlock", Refused)
+    assert speculative._capture(None, None, 1) is None

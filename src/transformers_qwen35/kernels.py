@@ -174,8 +174,16 @@ def rms_norm(x, weight, eps):
     fla = fla_kernels(x)
     if fla is None or fla.rms_norm is None:
         return torch_rms_norm(x, weight, eps)
-    # fla multiplies by the weight it is given, in fp32: hand it 1 + w in fp32 (gradients flow back through the add).
-    return fla.rms_norm(x, 1.0 + weight.float(), None, eps=eps)
+    try:
+        # fla multiplies by the weight it is given, in fp32: hand it 1 + w in fp32 (gradients flow back to w).
+        return fla.rms_norm(x, 1.0 + weight.float(), None, eps=eps)
+    except (RuntimeError, ValueError, TypeError, AssertionError) as error:
+        # One fused kernel among several paths: should it refuse an input, the exact PyTorch norm serves (once said).
+        if "rms_norm-failed" not in _logged:
+            _logged.add("rms_norm-failed")
+            logger.warning(f"fla's rms_norm failed ({type(error).__name__}: {error}); using the PyTorch RMSNorm.")
+        fla.rms_norm = None
+        return torch_rms_norm(x, weight, eps)
 
 
 def gated_rms_norm(x, gate, weight, eps):

@@ -42,12 +42,15 @@ from transformers.generation import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.utils import logging
 
 from .cache import Qwen3_5HybridCache
 from .modeling import CACHE_FIELD, _attention_mask
 from .mtp import mtp_head
 from .sampling import PresencePenaltyLogitsProcessor
-from .static_decode import GraphedBlock, cuda_graphs_enabled, forward_block, static_cache_for
+from .static_decode import CUDA_GRAPHS_ENV, GraphedBlock, cuda_graphs_enabled, forward_block, static_cache_for
+
+logger = logging.get_logger(__name__)
 
 # Processors that ignore input_ids: these may score every drafted position in one call.
 POSITION_FREE_PROCESSORS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
@@ -333,9 +336,10 @@ class _Run:
             if self.device.type == "cuda" and cuda_graphs_enabled():
                 length, graphs = block.shape[1], self.cache.graphs
                 if length not in graphs:
-                    graphs[length] = GraphedBlock(self.model, self.cache, length)
-                # The graph's own output tensor: read (lm_head, MTP head) before the next replay overwrites it.
-                return graphs[length](block, rope)
+                    graphs[length] = _capture(self.model, self.cache, length)
+                if graphs[length] is not None:
+                    # The graph's own output tensor: read (lm_head, MTP head) before the next replay overwrites it.
+                    return graphs[length](block, rope)
             return forward_block(self.model, self.cache, block, rope)
         batch, length = block.shape
         key_valid = torch.cat([self.key_valid, torch.ones(batch, length, dtype=torch.bool, device=self.device)], 1)
@@ -533,6 +537,19 @@ class _Run:
     def sequences(self):
         longest = min(int(self.count.max()), self.limit) if self.count.numel() else 0
         return torch.cat([self.prompt, self.generated[:, :longest]], 1)
+
+
+def _capture(model, cache, length: int) -> GraphedBlock | None:
+    """The block captured as a CUDA graph, or None (with one warning) if capturing fails: the block then runs
+    eagerly on the same fixed-shape state, slower but with the same result."""
+    try:
+        return GraphedBlock(model, cache, length)
+    except RuntimeError as error:
+        logger.warning(
+            f"Capturing the decoding step as a CUDA graph failed ({type(error).__name__}: {str(error)[:200]}); "
+            f"decoding without graphs. Set {CUDA_GRAPHS_ENV}=0 to skip the attempt."
+        )
+        return None
 
 
 _VISION_KWARGS = (

@@ -241,19 +241,22 @@ class GraphedBlock:
         self.cache, self.length = cache, length
         self.ids = torch.zeros(batch, length, dtype=torch.long, device=device)
         self.positions = torch.zeros(3, batch, length, dtype=torch.long, device=device)
-        # Warm-up runs execute for real (Triton compiles, autotunes): run them on a copy of the state and restore it.
+        # Warm-up runs execute for real (Triton compiles, autotunes): run them on a copy of the state and restore it,
+        # also when the capture fails (the caller then runs the block eagerly on the untouched state).
         saved = _snapshot(cache)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                forward_block(model, cache, self.ids, self.positions)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.hidden = forward_block(model, cache, self.ids, self.positions)
-        self.recorded = dict(cache._linear_steps)
-        _restore(cache, saved)
+        try:
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):
+                    forward_block(model, cache, self.ids, self.positions)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.hidden = forward_block(model, cache, self.ids, self.positions)
+            self.recorded = dict(cache._linear_steps)
+        finally:
+            _restore(cache, saved)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(ids)
