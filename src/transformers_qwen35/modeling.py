@@ -487,9 +487,9 @@ def _static_by_default(model, kwargs: dict) -> bool:
     ~24 layers of small kernels from Python) whenever the request is one the static loop serves exactly; anything
     else (beam search, per-step outputs, a cache to continue, a returned cache...) keeps transformers' loop."""
     from . import speculative
-    from .static_decode import adapter_layers
+    from .static_decode import adapter_layers, moved_by_hooks
 
-    if not _decodes_on_cuda_graphs(model):
+    if not _decodes_on_cuda_graphs(model) or moved_by_hooks(model):
         return False
     if adapter_layers(model):
         # PEFT adapters switch in Python (enable, disable, set_adapter, scale): each switch would need a new capture.

@@ -48,7 +48,14 @@ from .cache import Qwen3_5HybridCache
 from .modeling import CACHE_FIELD, _attention_mask
 from .mtp import mtp_head
 from .sampling import PresencePenaltyLogitsProcessor
-from .static_decode import CUDA_GRAPHS_ENV, GraphedBlock, cuda_graphs_enabled, forward_block, static_cache_for
+from .static_decode import (
+    CUDA_GRAPHS_ENV,
+    GraphedBlock,
+    cuda_graphs_enabled,
+    forward_block,
+    moved_by_hooks,
+    static_cache_for,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -188,6 +195,8 @@ class _Run:
         self.model, self.K, self.streamer = model, draft_tokens, streamer
         self.head = mtp_head(model) if draft_tokens else None
         self.static = static
+        # CUDA graphs for the static loop's blocks, unless turned off or accelerate's hooks move tensors in Python.
+        self.use_graphs = static and input_ids.is_cuda and cuda_graphs_enabled() and not moved_by_hooks(model)
         self.text_model = model.model.language_model if hasattr(model.model, "language_model") else model.model
         self.processors, self.criteria = processors, criteria
         self.greedy = not generation_config.do_sample
@@ -333,7 +342,7 @@ class _Run:
         """The main model's final hidden states for ``block`` ``(B, T)`` at text positions ``(B, T)``."""
         if self.static:
             rope = self._rope(positions)
-            if self.device.type == "cuda" and cuda_graphs_enabled():
+            if self.use_graphs:
                 length, graphs = block.shape[1], self.cache.graphs
                 if length not in graphs:
                     graphs[length] = _capture(self.model, self.cache, length)

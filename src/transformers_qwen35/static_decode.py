@@ -160,6 +160,12 @@ class StaticHybridCache(Qwen3_5HybridCache):
         self.seen_tokens += longest
 
 
+def moved_by_hooks(model) -> bool:
+    """Whether accelerate's hooks move weights or activations in Python around the forward (a ``device_map`` over
+    several devices, CPU or disk offload): a graph would replay one call's transient copies, so no graphs then."""
+    return any(hasattr(module, "_hf_hook") for module in model.modules())
+
+
 def adapter_layers(model) -> list:
     """The PEFT adapter layers injected into ``model`` (none without peft installed)."""
     try:
