@@ -174,6 +174,12 @@ def test_stopping_at_eos_and_processors_that_read_the_context(model):
     for draft_tokens in (0, 2):
         out = _generate(model, ids, mask, mtp_draft_tokens=draft_tokens, cache_implementation="static", **settings)
         assert torch.equal(out, reference), draft_tokens
+    # Streamed step by step (stopped rows get padding), as transformers streams them.
+    plain, lean = _Collect(), _Collect()
+    _generate(model, ids, mask, streamer=plain, **settings)
+    _generate(model, ids, mask, streamer=lean, cache_implementation="static", **settings)
+    assert len(lean.values) == len(plain.values)
+    assert all(a == b if isinstance(a, str) else torch.equal(a, b) for a, b in zip(lean.values, plain.values))
 
 
 def test_stop_strings_style_criteria_run_on_each_kept_token(model):
@@ -206,11 +212,12 @@ class _Collect(BaseStreamer):
         self.values.append("end")
 
 
-def test_a_streamer_receives_the_tokens_of_plain_decoding(model):
+@pytest.mark.parametrize("settings", [dict(mtp_draft_tokens=3), dict(cache_implementation="static")])
+def test_a_streamer_receives_the_tokens_of_plain_decoding(model, settings):
     ids, mask = _prompts(1, seed=5)
     plain, fast = _Collect(), _Collect()
     _generate(model, ids, mask, streamer=plain)
-    _generate(model, ids, mask, streamer=fast, mtp_draft_tokens=3)
+    _generate(model, ids, mask, streamer=fast, **settings)
     assert fast.values[-1] == "end" and plain.values[-1] == "end"
     assert torch.equal(fast.values[0], plain.values[0])  # the prompt
     flat = lambda values: torch.cat([v.reshape(-1) for v in values[1:-1]]).tolist()  # noqa: E731

@@ -224,8 +224,8 @@ class _Run:
         self._fast_criteria = all(isinstance(c, (EosTokenCriteria, MaxLengthCriteria)) for c in criteria)
         eos = [c.eos_token_id for c in criteria if isinstance(c, EosTokenCriteria)]
         self.eos = torch.cat([e.reshape(-1) for e in eos]).to(self.device) if eos else None
-        # Plain static decoding with end-of-sequence / length stops and no streamer: the lean loop of decode_plain.
-        self.plain = static and not draft_tokens and self._fast_criteria and streamer is None
+        # Plain static decoding with end-of-sequence / length stops: the lean loop of decode_plain.
+        self.plain = static and not draft_tokens and self._fast_criteria
 
     # --- model passes ---------------------------------------------------------------------------------------------
 
@@ -366,9 +366,14 @@ class _Run:
         ``steps`` for them), so the loop needs neither per-row counts nor per-step checks on the host. Whether any row
         is still generating is read one step late (through pinned memory), so the CPU prepares step ``n + 1`` while
         the GPU runs step ``n``; the one step it may run past the end commits nothing (no row is generating), and
-        is taken only when the logits processors have no side effects to repeat."""
+        is taken only when the logits processors have no side effects to repeat and no streamer waits for each token
+        (which synchronises every step anyway)."""
         steps = 1  # tokens of the generating rows so far (the prefill chose the first)
-        asynchronous = self.device.type == "cuda" and all(isinstance(p, PURE_PROCESSORS) for p in self.processors)
+        asynchronous = (
+            self.device.type == "cuda"
+            and self.streamer is None
+            and all(isinstance(p, PURE_PROCESSORS) for p in self.processors)
+        )
         if asynchronous:  # two host flags, written alternately by the device and read one step later
             flags = torch.ones(2, dtype=torch.bool, pin_memory=True)
             written = [torch.cuda.Event(), torch.cuda.Event()]
@@ -411,6 +416,8 @@ class _Run:
         self.position = self.position + 1
         self.last = token
         self.cache.advance(1)
+        if self.streamer is not None:  # as transformers streams: padding for the rows that no longer generate
+            self.streamer.put(torch.where(take, token, torch.full_like(token, self.pad_id)).cpu())
 
     def draft(self, k: int):
         """``k`` drafts ``(B, k)`` and the scores they were chosen from ``(B, k, V)``. The first comes from the MTP
