@@ -112,6 +112,15 @@ else
     fi
 fi
 
+# Triton's autotuning results from an earlier session (benchmarks/triton-autotune.tgz, if committed): with them Triton
+# compiles each fla kernel once, for its best configuration, instead of once per candidate configuration.
+TRITON_CACHE="${TRITON_CACHE_DIR:-$HOME/.triton/cache}"
+if [[ -f benchmarks/triton-autotune.tgz ]]; then
+    mkdir -p "$TRITON_CACHE"
+    tar xzf benchmarks/triton-autotune.tgz -C "$TRITON_CACHE" && log "restored Triton autotuning results" ||
+        log "WARNING: could not restore benchmarks/triton-autotune.tgz"
+fi
+
 # 3. Versions, kernels, GPU.
 log "writing $OUT/env.txt"
 {
@@ -181,5 +190,10 @@ fi
 log "running decode_breakdown.py --size 0.8B"
 timeout "$(allow 90)" "$PY" benchmarks/decode_breakdown.py --size 0.8B --batch 1,8 2>&1 | tee "$OUT/breakdown.txt" ||
     log "decode_breakdown rc $?"
+# This session's autotuning results, for the next one (commit $OUT/triton-autotune.tgz as benchmarks/triton-autotune.tgz).
+if [[ -d $TRITON_CACHE ]]; then
+    (cd "$TRITON_CACHE" && find . -name '*.autotune.json' | tar czf "$OUT/triton-autotune.tgz" -T -) ||
+        log "WARNING: could not save the Triton autotuning results"
+fi
 log "done in $((SECONDS - STARTED)) s"
 exit "$rc"
