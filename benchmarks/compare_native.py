@@ -189,15 +189,13 @@ def our_kernel_path(device: torch.device) -> str:
     return "fla"
 
 
-def build_models(size: str, device: torch.device, dtype: torch.dtype, seed: int, attn: str, vocab: int | None = None):
-    """(ours, built-in), eval mode, on ``device`` in ``dtype``, with identical weights; ``vocab`` replaces the
-    config's vocabulary size (e.g. the official 248,320 on the ``tiny`` shape, to measure the loss's memory).
-
-    Ours keeps ``A_log`` and ``linear_attn.norm.weight`` in fp32 (as ``from_pretrained`` does); built-in transformers
-    casts them to ``dtype``. Both get the same values: ours are drawn in ``dtype`` and then widened, exactly."""
+def build_ours(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, attn: str = "sdpa",
+               vocab: int | None = None):  # fmt: skip
+    """Our model with random weights, eval mode, on ``device`` in ``dtype``; ``vocab`` replaces the config's
+    vocabulary size. ``A_log`` and ``linear_attn.norm.weight`` are drawn in ``dtype`` and then widened to fp32 (as
+    ``from_pretrained`` keeps them), exactly."""
     import transformers_qwen35
 
-    configuration, modeling = _builtin_modules()
     config = text_config_dict(size)
     if vocab:
         config["vocab_size"] = vocab
@@ -206,18 +204,29 @@ def build_models(size: str, device: torch.device, dtype: torch.dtype, seed: int,
         ours = transformers_qwen35.Qwen3_5ForCausalLM._from_config(
             transformers_qwen35.Qwen3_5TextConfig(**config), dtype=dtype, attn_implementation=attn
         )
-        keep_fp32 = tuple(getattr(ours, "_keep_in_fp32_modules_strict", None) or ())
-        for name, param in ours.named_parameters():
-            if any(pattern in name for pattern in keep_fp32):
-                param.data = param.data.float()
+    keep_fp32 = tuple(getattr(ours, "_keep_in_fp32_modules_strict", None) or ())
+    for name, param in ours.named_parameters():
+        if any(pattern in name for pattern in keep_fp32):
+            param.data = param.data.float()
+    if any(p.device.type != device.type for p in ours.parameters()):
+        ours.to(device)
+    return ours.eval()
+
+
+def build_models(size: str, device: torch.device, dtype: torch.dtype, seed: int, attn: str, vocab: int | None = None):
+    """(ours, built-in), eval mode, on ``device`` in ``dtype``, with identical weights (``build_ours``'s, loaded into
+    built-in transformers, which casts the fp32 ones to ``dtype``)."""
+    configuration, modeling = _builtin_modules()
+    ours = build_ours(size, device, dtype, seed, attn, vocab)
+    config = dict(text_config_dict(size), **({"vocab_size": vocab} if vocab else {}))
+    with torch.device(device):
         builtin = modeling.Qwen3_5ForCausalLM._from_config(
             configuration.Qwen3_5TextConfig(**config), dtype=dtype, attn_implementation=attn
         )
-    for model in (ours, builtin):
-        if any(p.device.type != device.type for p in model.parameters()):
-            model.to(device)
+    if any(p.device.type != device.type for p in builtin.parameters()):
+        builtin.to(device)
     builtin.load_state_dict(ours.state_dict())
-    return ours.eval(), builtin.eval()
+    return ours, builtin.eval()
 
 
 def correctness_guard(ours, builtin, device, dtype, vocab: int, tolerance: float | None) -> dict[str, float]:

@@ -1,12 +1,12 @@
 """Where a static decoding step's time goes: the whole ``generate()`` step, the captured block alone (CUDA graph
 replay), the same block run eagerly, and the output head, for our model with random weights.
 
-    python benchmarks/decode_breakdown.py --size 0.8B --batch 1,8 --profile out/decode_profile.txt
+    python benchmarks/decode_breakdown.py --size 0.8B --batch 1,8
 
 On a GPU the step minus (replay + head) is the host-side work of the decoding loop (logits processing, stopping
 checks, bookkeeping); the weight bytes over the measured copy bandwidth give the floor a step cannot beat. Prints a
-table and one JSON line; ``--json-out`` keeps them. Speed comparisons with built-in transformers live in
-``compare_native.py``; this script only explains our own figures.
+table and one JSON line; ``--json-out`` keeps them. Kernel-by-kernel tables: ``profile_steps.py``; speed comparisons
+with built-in transformers: ``compare_native.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_native import SIZES, random_ids, text_config_dict  # noqa: E402
+from compare_native import SIZES, build_ours, random_ids  # noqa: E402
 
 
 def device_seconds(function, repeats: int, device) -> float:
@@ -101,23 +101,6 @@ def breakdown(model, batch: int, prompt: int, new: int, repeats: int, device) ->
     return result
 
 
-def profile_steps(model, batch: int, prompt: int, new: int, device, path: str) -> None:
-    """torch.profiler table of one static ``generate()`` of ``new`` tokens, sorted by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    vocab = min(model.config.vocab_size, 32000)
-    ids = random_ids(batch, prompt, vocab, device, seed=1)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.no_grad(), profile(activities=activities) as trace:
-        model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-            do_sample=False, pad_token_id=0, cache_implementation="static",
-        )  # fmt: skip
-    table = trace.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(f"# static generate(), batch {batch}, prompt {prompt}, {new} new tokens\n{table}\n")
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -126,19 +109,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=65)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--profile", help="write a torch.profiler table of one batch-1 generate() to this file")
     parser.add_argument("--json-out")
     args = parser.parse_args(argv)
 
-    import transformers_qwen35
-
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers_qwen35.Qwen3_5ForCausalLM._from_config(
-            transformers_qwen35.Qwen3_5TextConfig(**text_config_dict(args.size)), dtype=dtype
-        ).eval()
+    model = build_ours(args.size, device, dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied head counts once
     bandwidth = copy_bandwidth(device)
     summary = {
@@ -159,8 +135,6 @@ def main(argv=None) -> dict:
         summary["rows"].append(row)
         cells = ", ".join(f"{key} {value:.3f}" for key, value in row.items() if key.endswith("_ms"))
         print(f"  batch {batch}: {cells}", flush=True)
-    if args.profile:
-        profile_steps(model, 1, args.prompt, min(args.new, 17), device, args.profile)
     if summary["floor_ms"]:
         print(f"  floor (weights / copy bandwidth): {summary['floor_ms']:.3f} ms per step")
     print(json.dumps(summary, separators=(",", ":")))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_native import SIZES, make_optimizer, random_ids, text_config_dict  # noqa: E402
+from compare_native import SIZES, build_ours, make_optimizer, random_ids  # noqa: E402
 
 
 def summary(trace, device, rows: int) -> str:
@@ -58,15 +58,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="also write the tables to this file")
     args = parser.parse_args(argv)
 
-    import transformers_qwen35
-
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers_qwen35.Qwen3_5ForCausalLM._from_config(
-            transformers_qwen35.Qwen3_5TextConfig(**text_config_dict(args.size)), dtype=dtype
-        ).eval()
+    model = build_ours(args.size, device, dtype)
     vocab = min(model.config.vocab_size, 32000)
     sections = []
 

@@ -264,7 +264,7 @@ def write_untied_tiny_checkpoint(directory, seed: int, vocab_size: int = 1024):
     return write_random_checkpoint(directory, config, seed=seed)
 
 
-def left_padded_prompts(batch: int, length: int = 9, seed: int = 0, vocab_size: int = 1024):
+def left_padded_prompts(batch: int = 3, length: int = 9, seed: int = 0, vocab_size: int = 1024):
     """Random prompts (below the 4 multimodal placeholder ids of ``tiny_config``), left-padded so that row ``b``
     loses ``2 b`` leading tokens; returns ``(input_ids, attention_mask)``."""
     generator = torch.Generator().manual_seed(seed)
@@ -274,3 +274,12 @@ def left_padded_prompts(batch: int, length: int = 9, seed: int = 0, vocab_size: 
         mask[row, : 2 * row] = 0
         ids[row, : 2 * row] = 0
     return ids, mask
+
+
+def generate_tokens(model, ids, mask, **kwargs):
+    """The decoding tests' ``generate()``: greedy, 14 new tokens, pad id 0, without autograd, unless told otherwise."""
+    kwargs.setdefault("max_new_tokens", 14)
+    kwargs.setdefault("do_sample", False)
+    kwargs.setdefault("pad_token_id", 0)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, **kwargs)

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import install_exact_fake_fla, left_padded_prompts, relative_error, write_untied_tiny_checkpoint
+from conftest import (
+    generate_tokens,
+    install_exact_fake_fla,
+    left_padded_prompts,
+    relative_error,
+    write_untied_tiny_checkpoint,
+)
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.generation.streamers import BaseStreamer
@@ -32,18 +38,6 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(checkpoint):
     return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-
-
-def _prompts(batch: int = 3, length: int = 9, seed: int = 0):
-    return left_padded_prompts(batch, length, seed, vocab_size=VOCAB)
-
-
-def _generate(model, ids, mask, **kwargs):
-    kwargs.setdefault("max_new_tokens", 14)
-    kwargs.setdefault("do_sample", False)
-    kwargs.setdefault("pad_token_id", 0)
-    with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, **kwargs)
 
 
 def _scripted_drafts(monkeypatch, reference, prompt_length, mistakes):
@@ -89,7 +83,7 @@ def test_a_model_without_mtp_weights_says_so_before_any_compute(checkpoint):
     from transformers_qwen35 import Qwen3_5ForCausalLM
 
     bare = Qwen3_5ForCausalLM(tiny_config(vocab_size=VOCAB).text_config).eval()
-    ids, mask = _prompts(1)
+    ids, mask = left_padded_prompts(1)
     with pytest.raises(ValueError, match=r"mtp\.\* tensors.*mtp_draft_tokens=0"):
         bare.generate(ids, attention_mask=mask, max_new_tokens=3, mtp_draft_tokens=2)
 
@@ -104,9 +98,9 @@ def test_a_model_without_mtp_weights_says_so_before_any_compute(checkpoint):
     ],
 )
 def test_requests_it_cannot_serve_are_refused_clearly(model, kwargs, message):
-    ids, mask = _prompts(1)
+    ids, mask = left_padded_prompts(1)
     with pytest.raises(ValueError, match=message):
-        _generate(model, ids, mask, **kwargs)
+        generate_tokens(model, ids, mask, **kwargs)
 
 
 # --- lossless greedy ------------------------------------------------------------------------------------------------
@@ -115,9 +109,9 @@ def test_requests_it_cannot_serve_are_refused_clearly(model, kwargs, message):
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("draft_tokens", [1, 2, 3, 4])
 def test_greedy_output_equals_plain_decoding(model, batch, draft_tokens):
-    ids, mask = _prompts(batch)
-    reference = _generate(model, ids, mask)
-    out = _generate(model, ids, mask, mtp_draft_tokens=draft_tokens)
+    ids, mask = left_padded_prompts(batch)
+    reference = generate_tokens(model, ids, mask)
+    out = generate_tokens(model, ids, mask, mtp_draft_tokens=draft_tokens)
     assert torch.equal(out, reference)
     stats = model.mtp_stats
     assert stats.draft_tokens == draft_tokens and stats.rounds >= 1
@@ -127,14 +121,14 @@ def test_greedy_output_equals_plain_decoding(model, batch, draft_tokens):
 def test_partial_acceptance_in_every_pattern_keeps_greedy_output(model, monkeypatch, draft_tokens):
     """Rows accept different counts in the same round (0..K, changing every round): the kept states, masked
     attention holes and per-row positions must give exactly plain decoding."""
-    ids, mask = _prompts(3, seed=1)
-    reference = _generate(model, ids, mask, max_new_tokens=20)
+    ids, mask = left_padded_prompts(3, seed=1)
+    reference = generate_tokens(model, ids, mask, max_new_tokens=20)
 
     def mistakes(row, count, j):  # row 0 always right, the others wrong at a row- and round-dependent draft
         return row > 0 and j == (row + count) % (draft_tokens + 1)
 
     _scripted_drafts(monkeypatch, reference, ids.shape[1], mistakes)
-    out = _generate(model, ids, mask, max_new_tokens=20, mtp_draft_tokens=draft_tokens)
+    out = generate_tokens(model, ids, mask, max_new_tokens=20, mtp_draft_tokens=draft_tokens)
     assert torch.equal(out, reference)
     stats = model.mtp_stats
     assert 0 < stats.accepted < stats.drafted
@@ -153,31 +147,33 @@ def test_a_head_that_drafts_well_is_accepted_and_stays_lossless(checkpoint):
         head.fc.weight[:, :h] = torch.eye(h)
         head.layers[0].self_attn.o_proj.weight.zero_()
         head.layers[0].mlp.down_proj.weight.zero_()
-    ids, mask = _prompts(2, seed=2)
-    reference = _generate(model, ids, mask, max_new_tokens=24)
-    out = _generate(model, ids, mask, max_new_tokens=24, mtp_draft_tokens=3)
+    ids, mask = left_padded_prompts(2, seed=2)
+    reference = generate_tokens(model, ids, mask, max_new_tokens=24)
+    out = generate_tokens(model, ids, mask, max_new_tokens=24, mtp_draft_tokens=3)
     assert torch.equal(out, reference)
     assert model.mtp_stats.acceptance_rate > 0.5
 
 
 def test_stopping_at_eos_and_processors_that_read_the_context(model):
     """A stop token mid-round, repetition penalty and min_new_tokens see the context plain decoding shows them."""
-    ids, mask = _prompts(3, seed=3)
-    free = _generate(model, ids, mask)
+    ids, mask = left_padded_prompts(3, seed=3)
+    free = generate_tokens(model, ids, mask)
     eos = int(free[1, ids.shape[1] + 5])  # row 1's sixth new token: rows stop at different steps
     settings = dict(eos_token_id=eos, repetition_penalty=1.3, min_new_tokens=2, max_new_tokens=14)
-    reference = _generate(model, ids, mask, **settings)
+    reference = generate_tokens(model, ids, mask, **settings)
     assert (reference == eos).any()
     for draft_tokens in (1, 3):
-        assert torch.equal(_generate(model, ids, mask, mtp_draft_tokens=draft_tokens, **settings), reference)
+        assert torch.equal(generate_tokens(model, ids, mask, mtp_draft_tokens=draft_tokens, **settings), reference)
     # The static cache too: without drafts its lean loop (one late check per step), with drafts the general one.
     for draft_tokens in (0, 2):
-        out = _generate(model, ids, mask, mtp_draft_tokens=draft_tokens, cache_implementation="static", **settings)
+        out = generate_tokens(
+            model, ids, mask, mtp_draft_tokens=draft_tokens, cache_implementation="static", **settings
+        )
         assert torch.equal(out, reference), draft_tokens
     # Streamed step by step (stopped rows get padding), as transformers streams them.
     plain, lean = _Collect(), _Collect()
-    _generate(model, ids, mask, streamer=plain, **settings)
-    _generate(model, ids, mask, streamer=lean, cache_implementation="static", **settings)
+    generate_tokens(model, ids, mask, streamer=plain, **settings)
+    generate_tokens(model, ids, mask, streamer=lean, cache_implementation="static", **settings)
     assert len(lean.values) == len(plain.values)
     assert all(a == b if isinstance(a, str) else torch.equal(a, b) for a, b in zip(lean.values, plain.values))
 
@@ -192,12 +188,12 @@ def test_stop_strings_style_criteria_run_on_each_kept_token(model):
         def __call__(self, input_ids, scores, **kwargs):
             return input_ids[:, -1] == self.token
 
-    ids, mask = _prompts(2, seed=4)
-    free = _generate(model, ids, mask)
+    ids, mask = left_padded_prompts(2, seed=4)
+    free = generate_tokens(model, ids, mask)
     token = int(free[0, ids.shape[1] + 3])
     criteria = StoppingCriteriaList([StopAfterToken(token)])
-    reference = _generate(model, ids, mask, stopping_criteria=criteria)
-    out = _generate(model, ids, mask, stopping_criteria=criteria, mtp_draft_tokens=2)
+    reference = generate_tokens(model, ids, mask, stopping_criteria=criteria)
+    out = generate_tokens(model, ids, mask, stopping_criteria=criteria, mtp_draft_tokens=2)
     assert torch.equal(out, reference)
 
 
@@ -214,10 +210,10 @@ class _Collect(BaseStreamer):
 
 @pytest.mark.parametrize("settings", [dict(mtp_draft_tokens=3), dict(cache_implementation="static")])
 def test_a_streamer_receives_the_tokens_of_plain_decoding(model, settings):
-    ids, mask = _prompts(1, seed=5)
+    ids, mask = left_padded_prompts(1, seed=5)
     plain, fast = _Collect(), _Collect()
-    _generate(model, ids, mask, streamer=plain)
-    _generate(model, ids, mask, streamer=fast, **settings)
+    generate_tokens(model, ids, mask, streamer=plain)
+    generate_tokens(model, ids, mask, streamer=fast, **settings)
     assert fast.values[-1] == "end" and plain.values[-1] == "end"
     assert torch.equal(fast.values[0], plain.values[0])  # the prompt
     flat = lambda values: torch.cat([v.reshape(-1) for v in values[1:-1]]).tolist()  # noqa: E731
@@ -227,12 +223,12 @@ def test_a_streamer_receives_the_tokens_of_plain_decoding(model, settings):
 def test_lossless_on_the_fla_call_path(model, monkeypatch):
     """The same loop through fla's entry points (a fake fla on our exact ops checks every call's arguments): the
     verification pass and the state rollback run fla's fused recurrent kernel with an initial state."""
-    ids, mask = _prompts(2, seed=8)
-    reference = _generate(model, ids, mask)
+    ids, mask = left_padded_prompts(2, seed=8)
+    reference = generate_tokens(model, ids, mask)
     calls = install_exact_fake_fla(monkeypatch)
     monkeypatch.setenv(kernels.KERNELS_ENV, "fla")
     for draft_tokens in (1, 3):
-        assert torch.equal(_generate(model, ids, mask, mtp_draft_tokens=draft_tokens), reference)
+        assert torch.equal(generate_tokens(model, ids, mask, mtp_draft_tokens=draft_tokens), reference)
     assert ("recurrent", 4, False) in calls and ("conv", 4, False) in calls
     kernels._load_fla.cache_clear()
 
@@ -251,9 +247,9 @@ def test_drafting_pauses_while_drafts_do_not_pay_and_resumes_when_they_do():
 
 
 def test_random_heads_drafts_are_mostly_skipped_and_output_is_unchanged(model):
-    ids, mask = _prompts(1, seed=9)
-    reference = _generate(model, ids, mask, max_new_tokens=40)
-    assert torch.equal(_generate(model, ids, mask, max_new_tokens=40, mtp_draft_tokens=2), reference)
+    ids, mask = left_padded_prompts(1, seed=9)
+    reference = generate_tokens(model, ids, mask, max_new_tokens=40)
+    assert torch.equal(generate_tokens(model, ids, mask, max_new_tokens=40, mtp_draft_tokens=2), reference)
     stats = model.mtp_stats
     assert stats.accepted == 0  # random weights: the head never agrees here
     assert stats.drafted // 2 < stats.rounds / 3  # most rounds ran without drafts
@@ -309,9 +305,11 @@ def test_the_heads_cache_matches_running_it_from_scratch(model, monkeypatch):
         captured.append((run.prompt.clone(), run.generated.clone(), run.count.clone(), run.mtp_out.clone()))
 
     monkeypatch.setattr(speculative._Run, "round", round_and_capture)
-    ids, mask = _prompts(2, seed=6)
-    _scripted_drafts(monkeypatch, _generate(model, ids, mask), ids.shape[1], lambda row, count, j: row == 1 and j == 1)
-    _generate(model, ids, mask, mtp_draft_tokens=2)
+    ids, mask = left_padded_prompts(2, seed=6)
+    _scripted_drafts(
+        monkeypatch, generate_tokens(model, ids, mask), ids.shape[1], lambda row, count, j: row == 1 and j == 1
+    )
+    generate_tokens(model, ids, mask, mtp_draft_tokens=2)
     head, inner = mtp_head(model), model.model
     assert len(captured) >= 3
     for prompt, generated, count, mtp_out in captured:
@@ -377,7 +375,7 @@ def test_speculative_sampling_through_the_model_keeps_its_distribution(model, mo
         rows, settings = 6000, dict(do_sample=True, top_k=4, temperature=1.5, max_new_tokens=3)
         prompt = torch.randint(0, VOCAB - 4, (1, 6), generator=torch.Generator().manual_seed(7))
         torch.manual_seed(0)
-        out = _generate(model, prompt.expand(rows, -1), None, mtp_draft_tokens=2, **settings)[:, -3:]
+        out = generate_tokens(model, prompt.expand(rows, -1), None, mtp_draft_tokens=2, **settings)[:, -3:]
         stats = model.mtp_stats
     finally:
         head.load_state_dict(saved)
@@ -415,6 +413,6 @@ def test_vision_language_model_is_lossless_with_an_image_prompt(checkpoint):
     pixels = torch.randn(16, 1536, generator=torch.Generator().manual_seed(0))
     grid = torch.tensor([[1, 4, 4]])
     settings = dict(pixel_values=pixels, image_grid_thw=grid, max_new_tokens=12)
-    reference = _generate(model, ids, mask, **settings)
+    reference = generate_tokens(model, ids, mask, **settings)
     for draft_tokens in (1, 3):
-        assert torch.equal(_generate(model, ids, mask, mtp_draft_tokens=draft_tokens, **settings), reference)
+        assert torch.equal(generate_tokens(model, ids, mask, mtp_draft_tokens=draft_tokens, **settings), reference)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import left_padded_prompts, relative_error, write_untied_tiny_checkpoint
+from conftest import generate_tokens, left_padded_prompts, relative_error, write_untied_tiny_checkpoint
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
 from transformers_qwen35.cache import Qwen3_5HybridCache
@@ -24,39 +24,28 @@ def model(checkpoint):
     return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 
-def _prompts(batch: int = 3, length: int = 9, seed: int = 0):
-    return left_padded_prompts(batch, length, seed, vocab_size=VOCAB)
-
-
-def _generate(model, ids, mask, **kwargs):
-    kwargs.setdefault("max_new_tokens", 14)
-    kwargs.setdefault("do_sample", False)
-    with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, pad_token_id=0, **kwargs)
-
-
 @pytest.mark.parametrize("draft_tokens", [0, 1, 3])
 def test_static_greedy_equals_plain_decoding(model, draft_tokens):
-    ids, mask = _prompts()
-    reference = _generate(model, ids, mask)
-    out = _generate(model, ids, mask, cache_implementation="static", mtp_draft_tokens=draft_tokens)
+    ids, mask = left_padded_prompts()
+    reference = generate_tokens(model, ids, mask)
+    out = generate_tokens(model, ids, mask, cache_implementation="static", mtp_draft_tokens=draft_tokens)
     assert torch.equal(out, reference)
 
 
 def test_static_sampling_draws_the_same_tokens_as_plain_sampling(model):
     """Without drafts the loop draws one multinomial sample per step from the same scores as transformers' loop, so a
     seeded run repeats plain sampling exactly (processors and all)."""
-    ids, mask = _prompts(seed=1)
+    ids, mask = left_padded_prompts(seed=1)
     settings = dict(do_sample=True, temperature=0.8, top_k=50, repetition_penalty=1.2)
     torch.manual_seed(3)
-    reference = _generate(model, ids, mask, **settings)
+    reference = generate_tokens(model, ids, mask, **settings)
     torch.manual_seed(3)
-    assert torch.equal(_generate(model, ids, mask, cache_implementation="static", **settings), reference)
+    assert torch.equal(generate_tokens(model, ids, mask, cache_implementation="static", **settings), reference)
 
 
 def test_static_from_the_generation_config_too(model):
-    ids, mask = _prompts(seed=2)
-    reference = _generate(model, ids, mask)
+    ids, mask = left_padded_prompts(seed=2)
+    reference = generate_tokens(model, ids, mask)
     config = GenerationConfig(max_new_tokens=14, do_sample=False, cache_implementation="static", pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(model.generate(ids, attention_mask=mask, generation_config=config), reference)
@@ -65,7 +54,7 @@ def test_static_from_the_generation_config_too(model):
 def test_block_forward_on_the_static_cache_matches_the_dynamic_forward(model):
     """The lean block forward over preallocated buffers (attention over the whole capacity, masked) gives the
     ordinary forward's hidden states, for single tokens and a block of 4, with left padding."""
-    ids, mask = _prompts(seed=3)
+    ids, mask = left_padded_prompts(seed=3)
     inner = model.model
     with torch.no_grad():
         dynamic = Qwen3_5HybridCache(model.config)
@@ -94,16 +83,18 @@ def test_vision_language_model_with_an_image_on_the_static_path(checkpoint):
     mask = torch.tensor([[1] * 10, [0] * 6 + [1] * 4])
     pixels = torch.randn(16, 1536, generator=torch.Generator().manual_seed(0))
     settings = dict(pixel_values=pixels, image_grid_thw=torch.tensor([[1, 4, 4]]), max_new_tokens=10)
-    reference = _generate(model, ids, mask, **settings)
+    reference = generate_tokens(model, ids, mask, **settings)
     for draft_tokens in (0, 2):
-        out = _generate(model, ids, mask, cache_implementation="static", mtp_draft_tokens=draft_tokens, **settings)
+        out = generate_tokens(
+            model, ids, mask, cache_implementation="static", mtp_draft_tokens=draft_tokens, **settings
+        )
         assert torch.equal(out, reference), draft_tokens
 
 
 def test_static_requests_it_cannot_serve_are_refused(model):
-    ids, mask = _prompts(1)
+    ids, mask = left_padded_prompts(1)
     with pytest.raises(ValueError, match="cache_implementation='static' cannot be combined with beam search"):
-        _generate(model, ids, mask, cache_implementation="static", num_beams=2)
+        generate_tokens(model, ids, mask, cache_implementation="static", num_beams=2)
 
 
 def test_the_static_cache_is_reused_by_the_next_call_that_fits(checkpoint):
@@ -113,25 +104,25 @@ def test_the_static_cache_is_reused_by_the_next_call_that_fits(checkpoint):
     from transformers_qwen35.static_decode import _CACHES, release_static_cache
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    first_ids, first_mask = _prompts(seed=4)
-    _generate(model, first_ids, first_mask, cache_implementation="static")
+    first_ids, first_mask = left_padded_prompts(seed=4)
+    generate_tokens(model, first_ids, first_mask, cache_implementation="static")
     first = _CACHES[model]
-    ids, mask = _prompts(length=6, seed=5)  # another prompt, shorter: fits
-    out = _generate(model, ids, mask, cache_implementation="static")
+    ids, mask = left_padded_prompts(length=6, seed=5)  # another prompt, shorter: fits
+    out = generate_tokens(model, ids, mask, cache_implementation="static")
     assert _CACHES[model] is first
-    assert torch.equal(out, _generate(model, ids, mask))
+    assert torch.equal(out, generate_tokens(model, ids, mask))
 
-    _generate(model, ids, mask, cache_implementation="static", max_new_tokens=first.capacity)  # too long for it
+    generate_tokens(model, ids, mask, cache_implementation="static", max_new_tokens=first.capacity)  # too long for it
     assert _CACHES[model] is not first and _CACHES[model].capacity > first.capacity
     longer = _CACHES[model]
-    _generate(model, ids[:2], mask[:2], cache_implementation="static")  # another batch size
+    generate_tokens(model, ids[:2], mask[:2], cache_implementation="static")  # another batch size
     assert _CACHES[model] is not longer
 
     second = _CACHES[model]
     model.to(torch.float64).to(torch.float32)  # new parameter storage: graphs would read freed memory
-    out = _generate(model, ids[:2], mask[:2], cache_implementation="static")
+    out = generate_tokens(model, ids[:2], mask[:2], cache_implementation="static")
     assert _CACHES[model] is not second
-    assert torch.equal(out, _generate(model, ids[:2], mask[:2]))
+    assert torch.equal(out, generate_tokens(model, ids[:2], mask[:2]))
     release_static_cache(model)
     assert model not in _CACHES
 
@@ -143,20 +134,20 @@ def test_static_is_the_default_where_cuda_graphs_decode(checkpoint, monkeypatch)
     from transformers_qwen35.static_decode import _CACHES
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    ids, mask = _prompts(seed=6)
-    reference = _generate(model, ids, mask)
+    ids, mask = left_padded_prompts(seed=6)
+    reference = generate_tokens(model, ids, mask)
     assert model not in _CACHES  # on a CPU the default stays transformers' loop
     monkeypatch.setattr(modeling, "_decodes_on_cuda_graphs", lambda model: True)
     for settings in (dict(cache_implementation="dynamic"), dict(num_beams=2), dict(return_dict_in_generate=True)):
-        out = _generate(model, ids, mask, **settings)
+        out = generate_tokens(model, ids, mask, **settings)
         assert model not in _CACHES, settings
         if "num_beams" not in settings:
             assert torch.equal(getattr(out, "sequences", out), reference), settings
     model.model.layers[0]._hf_hook = object()  # as accelerate's dispatch over several devices leaves it
-    assert torch.equal(_generate(model, ids, mask), reference)
+    assert torch.equal(generate_tokens(model, ids, mask), reference)
     assert model not in _CACHES
     del model.model.layers[0]._hf_hook
-    assert torch.equal(_generate(model, ids, mask), reference)
+    assert torch.equal(generate_tokens(model, ids, mask), reference)
     assert model in _CACHES
 
 
@@ -173,13 +164,15 @@ def test_processors_see_the_input_ids_of_transformers_loop(model):
             self.seen.append(input_ids.clone())
             return scores
 
-    ids, mask = _prompts(seed=7)
-    free = _generate(model, ids, mask)
+    ids, mask = left_padded_prompts(seed=7)
+    free = generate_tokens(model, ids, mask)
     eos = int(free[2, ids.shape[1] + 4])
     runs = []
     for extra in ({}, dict(cache_implementation="static")):
         recorder = Recorder()
-        out = _generate(model, ids, mask, eos_token_id=eos, logits_processor=LogitsProcessorList([recorder]), **extra)
+        out = generate_tokens(
+            model, ids, mask, eos_token_id=eos, logits_processor=LogitsProcessorList([recorder]), **extra
+        )
         runs.append((out, recorder.seen))
     (reference, expected), (out, seen) = runs
     assert (reference == eos).any(dim=1).sum() >= 1 and torch.equal(out, reference)
@@ -198,22 +191,22 @@ def test_adapter_switches_are_never_replayed_from_a_stale_capture(checkpoint, mo
     base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["in_proj_qkv", "o_proj"], init_lora_weights=False)
     model = peft.get_peft_model(base, config).eval()
-    ids, mask = _prompts(seed=8)
-    adapted, plain = _generate(model, ids, mask), None
+    ids, mask = left_padded_prompts(seed=8)
+    adapted, plain = generate_tokens(model, ids, mask), None
     with model.disable_adapter():
-        plain = _generate(model, ids, mask)
+        plain = generate_tokens(model, ids, mask)
     assert not torch.equal(adapted, plain)  # the adapter matters here
 
-    assert torch.equal(_generate(model, ids, mask, cache_implementation="static"), adapted)
+    assert torch.equal(generate_tokens(model, ids, mask, cache_implementation="static"), adapted)
     first = _CACHES[base]
     with model.disable_adapter():
-        assert torch.equal(_generate(model, ids, mask, cache_implementation="static"), plain)
+        assert torch.equal(generate_tokens(model, ids, mask, cache_implementation="static"), plain)
     assert _CACHES[base] is not first
-    assert torch.equal(_generate(model, ids, mask, cache_implementation="static"), adapted)
+    assert torch.equal(generate_tokens(model, ids, mask, cache_implementation="static"), adapted)
 
     monkeypatch.setattr(modeling, "_decodes_on_cuda_graphs", lambda model: True)
     _CACHES.pop(base)
-    assert torch.equal(_generate(model, ids, mask), adapted)
+    assert torch.equal(generate_tokens(model, ids, mask), adapted)
     assert base not in _CACHES  # the default keeps transformers' loop for adapted models
 
 

@@ -186,7 +186,7 @@ class ChatSession:
                 self.model.generate(
                     **inputs, generation_config=settings, streamer=streamer,
                     logits_processor=processors, stopping_criteria=[interrupt],
-                    **({"mtp_draft_tokens": self.args.mtp} if self.args.mtp else {}),
+                    mtp_draft_tokens=self.args.mtp,  # 0: plain decoding
                 )  # fmt: skip
         finally:
             signal.signal(signal.SIGINT, previous)

@@ -428,7 +428,7 @@ def run_generate(args: argparse.Namespace) -> int:
         with torch.inference_mode():
             model.generate(
                 **inputs, generation_config=settings, streamer=streamer, logits_processor=processors,
-                **({"mtp_draft_tokens": args.mtp} if args.mtp else {}),
+                mtp_draft_tokens=args.mtp,  # 0: plain decoding
             )  # fmt: skip
     except (CliError, BrokenPipeError):
         raise  # main() knows these; a closed stdout is the reader's choice, not a generation failure

@@ -309,9 +309,9 @@ class _Run:
         accepted, bonus = self._accept(drafts, draft_scores, target_scores)
         kept = accepted + 1  # tokens of the block the main model's state keeps: last, d_1..d_accepted
         new_tokens = torch.cat([drafts, bonus[:, None]], 1).scatter(1, accepted[:, None], bonus[:, None])
-        live = self.unfinished.clone()
         self.stats.rounds += 1
         if k:
+            live = self.unfinished
             self.stats.drafted += int(live.sum()) * k
             self.stats.accepted += int(accepted[live].sum())
             self.stats.emitted += int(kept[live].sum())
