@@ -162,7 +162,13 @@ if [[ -d tests/gpu ]]; then
     log "running pytest -q tests/gpu"
     rc=0
     # -v: each result is written as it comes, so a run cut short by the budget still shows what passed.
-    timeout "$(allow 170)" "$PY" -m pytest -v --durations=12 -p no:cacheprovider tests/gpu >"$OUT/pytest.txt" 2>&1 || rc=$?
+    # Triton compiles fla's kernels on the CPU, once per process and shape: four pytest-xdist workers (in the image)
+    # compile side by side. pytest-timeout fails a hung test with its traceback instead of losing the whole log.
+    parallel=()
+    if "$PY" -c "import xdist" 2>/dev/null; then parallel+=(-n 4); fi
+    if "$PY" -c "import pytest_timeout" 2>/dev/null; then parallel+=(--timeout=120); fi
+    timeout "$(allow 170)" "$PY" -m pytest -v "${parallel[@]}" --durations=12 -p no:cacheprovider \
+        tests/gpu >"$OUT/pytest.txt" 2>&1 || rc=$?
     tail -n 15 "$OUT/pytest.txt"
     log "pytest rc $rc"
 else
