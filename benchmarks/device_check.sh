@@ -31,6 +31,7 @@ BENCH_ARGS="${BENCH_ARGS:-}"
 COMPARE_WHAT="${COMPARE_WHAT:-decode,train,prefill}" # most wanted first: a run cut short keeps those
 COMPARE_MTP="${COMPARE_MTP:-}"                         # e.g. 2: MTP rows (random head and always-right drafts)
 PROFILE_WHAT="${PROFILE_WHAT:-decode,train}"           # profile_steps.py phases; empty: skip
+STEPS="${STEPS:-tests compare profile}"                # which of the steps below run, in this order
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 STARTED=$SECONDS
 
@@ -158,48 +159,67 @@ EOF
 } 2>&1 | tee "$OUT/env.txt"
 
 # 4. GPU tests: fla vs PyTorch path vs built-in (forward, backward, packed, cached decode) and MTP lossless.
-if [[ -d tests/gpu ]]; then
-    log "running pytest -q tests/gpu"
-    rc=0
-    # -v: each result is written as it comes, so a run cut short by the budget still shows what passed.
+run_tests() {
+    if [[ ! -d tests/gpu ]]; then
+        echo "tests/gpu does not exist: no GPU tests to run (skipped)" | tee "$OUT/pytest.txt"
+        return
+    fi
+    # -v writes each result as it comes and report_failures_now each traceback, so a run cut short keeps them.
     # Triton compiles fla's kernels on the CPU, once per process and shape: four pytest-xdist workers (in the image)
-    # compile side by side. pytest-timeout fails a hung test with its traceback instead of losing the whole log.
-    parallel=()
-    if "$PY" -c "import xdist" 2>/dev/null; then parallel+=(-n 4); fi
-    if "$PY" -c "import pytest_timeout" 2>/dev/null; then parallel+=(--timeout=120); fi
-    timeout "$(allow 170)" "$PY" -m pytest -v "${parallel[@]}" --durations=12 -p no:cacheprovider \
-        tests/gpu >"$OUT/pytest.txt" 2>&1 || rc=$?
-    tail -n 15 "$OUT/pytest.txt"
+    # compile side by side. The tests at fla's real head size compile the most (the whole chunk backward): last.
+    local options=(-v --durations=12 -p no:cacheprovider -p report_failures_now) rc=0
+    if "$PY" -c "import xdist" 2>/dev/null; then options+=(-n 4); fi
+    if "$PY" -c "import pytest_timeout" 2>/dev/null; then options+=(--timeout=120); fi
+    log "running pytest tests/gpu"
+    PYTHONPATH="$PWD/benchmarks:$PYTHONPATH" timeout "$(allow 150)" "$PY" -m pytest "${options[@]}" \
+        -k "not real_head_size" tests/gpu >"$OUT/pytest.txt" 2>&1 || rc=$?
     log "pytest rc $rc"
-else
-    echo "tests/gpu does not exist: no GPU tests to run (skipped)" | tee "$OUT/pytest.txt"
-fi
+    rc=0
+    PYTHONPATH="$PWD/benchmarks:$PYTHONPATH" timeout "$(allow 150)" "$PY" -m pytest "${options[@]}" \
+        -k "real_head_size" tests/gpu >>"$OUT/pytest.txt" 2>&1 || rc=$?
+    grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed|skipped" "$OUT/pytest.txt" | tail -n 20 || true
+    log "pytest (real head size) rc $rc"
+}
 
 # 5. The benchmark: ours vs built-in transformers, 0.8B shape, bf16.
-log "running compare_native.py --device cuda --size 0.8B"
-rc=0
-# MTP rows only when asked (COMPARE_MTP=K): K drafts with the random head (the cost of rejected drafts) and with
-# always-right drafts (the ceiling).
-mtp=(--mtp 0)
-if [[ -n $COMPARE_MTP ]]; then mtp=(--mtp "$COMPARE_MTP" --mtp-oracle); fi
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of extra options
-timeout "$(allow 330)" "$PY" benchmarks/compare_native.py --device cuda --size 0.8B --what "$COMPARE_WHAT" \
-    "${mtp[@]}" --json-out "$OUT/compare_0.8B.json" $BENCH_ARGS 2>&1 | tee "$OUT/compare_0.8B.txt" || rc=$?
-log "compare_native rc $rc (124: cut short by the time budget; the JSON keeps the finished phases)"
+COMPARE_RC=0
+run_compare() {
+    log "running compare_native.py --device cuda --size 0.8B"
+    # MTP rows only when asked (COMPARE_MTP=K): K drafts with the random head (the cost of rejected drafts) and with
+    # always-right drafts (the ceiling).
+    mtp=(--mtp 0)
+    if [[ -n $COMPARE_MTP ]]; then mtp=(--mtp "$COMPARE_MTP" --mtp-oracle); fi
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of extra options
+    timeout "$(allow 330)" "$PY" benchmarks/compare_native.py --device cuda --size 0.8B --what "$COMPARE_WHAT" \
+        "${mtp[@]}" --json-out "$OUT/compare_0.8B.json" $BENCH_ARGS 2>&1 | tee "$OUT/compare_0.8B.txt" || COMPARE_RC=$?
+    log "compare_native rc $COMPARE_RC (124: cut short by the time budget; the JSON keeps the finished phases)"
+}
 
 # 6. Which kernels take the time (decode, training step), then a static decoding step taken apart.
-if [[ -n $PROFILE_WHAT ]]; then
-    log "running profile_steps.py --size 0.8B --what $PROFILE_WHAT"
-    timeout "$(allow 90)" "$PY" benchmarks/profile_steps.py --size 0.8B --what "$PROFILE_WHAT" \
-        --out "$OUT/profile_steps.txt" >/dev/null 2>&1 || log "profile_steps rc $?"
-fi
-log "running decode_breakdown.py --size 0.8B"
-timeout "$(allow 90)" "$PY" benchmarks/decode_breakdown.py --size 0.8B --batch 1,8 2>&1 | tee "$OUT/breakdown.txt" ||
-    log "decode_breakdown rc $?"
+run_profile() {
+    if [[ -n $PROFILE_WHAT ]]; then
+        log "running profile_steps.py --size 0.8B --what $PROFILE_WHAT"
+        timeout "$(allow 90)" "$PY" benchmarks/profile_steps.py --size 0.8B --what "$PROFILE_WHAT" \
+            --out "$OUT/profile_steps.txt" >/dev/null 2>&1 || log "profile_steps rc $?"
+    fi
+    log "running decode_breakdown.py --size 0.8B"
+    timeout "$(allow 90)" "$PY" benchmarks/decode_breakdown.py --size 0.8B --batch 1,8 2>&1 | tee "$OUT/breakdown.txt" ||
+        log "decode_breakdown rc $?"
+}
+
+for step in $STEPS; do
+    case $step in
+    tests) run_tests ;;
+    compare) run_compare ;;
+    profile) run_profile ;;
+    *) log "unknown step '$step' in STEPS (known: tests compare profile)" ;;
+    esac
+done
+
 # This session's autotuning results, for the next one (commit $OUT/triton-autotune.tgz as benchmarks/triton-autotune.tgz).
 if [[ -d $TRITON_CACHE ]]; then
     (cd "$TRITON_CACHE" && find . -name '*.autotune.json' | tar czf "$OUT/triton-autotune.tgz" -T -) ||
         log "WARNING: could not save the Triton autotuning results"
 fi
 log "done in $((SECONDS - STARTED)) s"
-exit "$rc"
+exit "$COMPARE_RC"
