@@ -190,7 +190,7 @@ run_compare() {
     mtp=(--mtp 0)
     if [[ -n $COMPARE_MTP ]]; then mtp=(--mtp "$COMPARE_MTP" --mtp-oracle); fi
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of extra options
-    timeout "$(allow 330)" "$PY" benchmarks/compare_native.py --device cuda --size 0.8B --what "$COMPARE_WHAT" \
+    timeout "$(allow "${COMPARE_S:-330}")" "$PY" benchmarks/compare_native.py --device cuda --size 0.8B --what "$COMPARE_WHAT" \
         "${mtp[@]}" --json-out "$OUT/compare_0.8B.json" $BENCH_ARGS 2>&1 | tee "$OUT/compare_0.8B.txt" || COMPARE_RC=$?
     log "compare_native rc $COMPARE_RC (124: cut short by the time budget; the JSON keeps the finished phases)"
 }
