@@ -75,16 +75,17 @@ def test_fla_forward_matches_pytorch_path_and_builtin(monkeypatch):
 
 
 def test_fla_backward_matches_pytorch_path(monkeypatch):
-    """Training on the fla path (through our replacement for the piece fla refuses on Hopper with Triton < 3.7.1):
-    fp32 weights with bf16 autocast; loss and gradients against the fp32 PyTorch path, within the distance of the
-    PyTorch path under the same autocast."""
+    """Training on the fla path (through our replacement for the piece fla refuses on Hopper with Triton < 3.7.1),
+    against the fp32 PyTorch path: under bf16 autocast, loss and gradients within the distance of the PyTorch path
+    under the same autocast; in fp32 (fla's dots in TF32), every parameter's gradient close on its own."""
     from transformers_qwen35 import hopper_backward
 
     ours, _ = _pair(dtype=torch.float32, seed=1)
     ours.train()
     ids = _ids(2, 200, seed=1)
     results = {}
-    for name, mode, autocast in (("exact", "torch", False), ("same", "torch", True), ("fast", "fla", True)):
+    runs = (("exact", "torch", False), ("same", "torch", True), ("fast", "fla", True), ("fast fp32", "fla", False))
+    for name, mode, autocast in runs:
         _with_kernels(monkeypatch, mode)
         ours.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
@@ -100,9 +101,14 @@ def test_fla_backward_matches_pytorch_path(monkeypatch):
     flat = lambda grads: torch.cat([g.reshape(-1) for g in grads.values()])  # noqa: E731
     ok, detail = _within_rounding(flat(fast), flat(same), flat(exact))
     assert ok, "all gradients: " + detail
-    for name in exact:  # each parameter: no O(1) error hiding in a small one
-        noise = _rms_error(same[name], exact[name])
-        assert _rms_error(fast[name], exact[name]) < max(0.1, 5 * noise), name
+    # Each parameter on its own, in fp32: an O(1) error cannot hide in a small one. Not in bf16: the per-head gate
+    # parameters (A_log, dt_bias) sum a gradient over every token with heavy cancellation, and fla's bf16 dots put
+    # ~0.4 relative error there (measured on the H100) that our fp32-computing PyTorch op has no counterpart for.
+    fp32_loss, fp32 = results["fast fp32"]
+    assert _rms_error(fp32_loss, exact_loss) < 1e-3
+    assert _rms_error(flat(fp32), flat(exact)) < 2e-2
+    for name in exact:
+        assert _rms_error(fp32[name], exact[name]) < 0.1, name
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -170,16 +176,26 @@ def test_packed_sequences_stay_apart_on_fla(monkeypatch):
 
 
 def test_cached_decode_on_fla_matches_a_full_forward(monkeypatch):
+    """fla's recurrent decode steps continue its chunked prefill: the cached steps land as close to the fp32 full
+    forward as our PyTorch path's cached steps in the same bf16 (on CPU: 2.7e-2; a halved recurrent state 0.16, a
+    zeroed one 0.33, zeroed conv states 0.80)."""
     ours, _ = _pair(seed=3)
-    _with_kernels(monkeypatch, "fla")
+    exact_model, _ = _pair(dtype=torch.float32, seed=3)
     ids = _ids(2, 100, seed=4)
-    with torch.no_grad():
-        full = ours(ids).logits.float()
+
+    def cached_steps():
         cache = getattr(ours(ids[:, :90], use_cache=True), CACHE_FIELD)
-        steps = []
-        for t in range(90, 100):
-            steps.append(ours(ids[:, t : t + 1], cache=cache, use_cache=True).logits.float())
-    assert relative_error(torch.cat(steps, 1), full[:, 90:]) < 2e-2
+        steps = [ours(ids[:, t : t + 1], cache=cache, use_cache=True).logits.float() for t in range(90, 100)]
+        return torch.cat(steps, 1)
+
+    with torch.no_grad():
+        _with_kernels(monkeypatch, "torch")
+        exact = exact_model(ids).logits.float()[:, 90:]
+        same = cached_steps()
+        _with_kernels(monkeypatch, "fla")
+        fast = cached_steps()
+    ok, detail = _within_rounding(fast, same, exact, slack=3.0)  # fla's chunk and recurrent kernels round apart
+    assert ok, detail
 
 
 @pytest.fixture(scope="module")
