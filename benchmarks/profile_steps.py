@@ -10,7 +10,12 @@ Explains our own figures; speed comparisons with built-in transformers live in `
 from __future__ import annotations
 
 import argparse
+import collections
+import statistics
 import sys
+import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,6 +51,51 @@ def profiled(function, device):
     return trace
 
 
+def wall_ms(function, device, repeats: int = 3) -> float:
+    """Median wall time of ``function`` without the profiler (it slows the host side down)."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def host_syncs(function, device, rows: int = 12) -> str:
+    """Where ``function`` makes the host wait for the GPU (torch's sync debug mode), by the Python line that asked,
+    most frequent first. Each one drains the GPU's queue: with many, host and device stop overlapping."""
+    if device.type != "cuda":
+        return "host syncs: only counted on CUDA"
+    places: collections.Counter = collections.Counter()
+    ours = ("transformers_qwen35", "fla", "transformers", "torch/optim")
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if any(part in f.filename for part in ours)]
+        frame = frames[-1] if frames else traceback.extract_stack()[-2]
+        places[f"{frame.filename.rsplit('site-packages/', 1)[-1]}:{frame.lineno} {frame.name}"] += 1
+
+    previous = warnings.showwarning
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            function()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = previous
+    lines = [f"host syncs: {sum(places.values())}"]
+    lines += [f"{count:6d}  {place}" for place, count in places.most_common(rows)]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -64,8 +114,12 @@ def main(argv=None) -> None:
     vocab = min(model.config.vocab_size, 32000)
     sections = []
 
-    def report(title, trace):
-        text = f"## {title}\n{summary(trace, device, args.rows)}\n"
+    def report(title, function):
+        trace = profiled(function, device)
+        wall = wall_ms(function, device)
+        busy = sum(getattr(e, "self_device_time_total", 0) for e in trace.key_averages()) / 1e3
+        load = f"device busy {busy:.1f} ms of {wall:.1f} ms wall ({busy / wall:.0%})" if device.type == "cuda" else ""
+        text = f"## {title}\n{load}\n{host_syncs(function, device)}\n{summary(trace, device, args.rows)}\n"
         print(text, flush=True)
         sections.append(text)
 
@@ -81,8 +135,7 @@ def main(argv=None) -> None:
                         do_sample=False, pad_token_id=0, cache_implementation="static",
                     )  # fmt: skip
 
-            report(f"static generate(), batch {batch}, prompt {prompt}, {new} new tokens (prefill included)",
-                   profiled(decode, device))  # fmt: skip
+            report(f"static generate(), batch {batch}, prompt {prompt}, {new} new tokens (prefill included)", decode)
         elif what == "train":
             ids = random_ids(1, args.train, vocab, device, seed=2)
             optimizer = make_optimizer(model, "adamw")
@@ -94,7 +147,7 @@ def main(argv=None) -> None:
                 model.zero_grad(set_to_none=True)
                 model.eval()
 
-            report(f"training step, 1 x {args.train} tokens, AdamW", profiled(step, device))
+            report(f"training step, 1 x {args.train} tokens, AdamW", step)
             del optimizer
         elif what == "prefill":
             ids = random_ids(1, args.prefill, vocab, device, seed=3)
@@ -103,7 +156,7 @@ def main(argv=None) -> None:
                 with torch.no_grad():
                     model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-            report(f"prefill, 1 x {args.prefill} tokens", profiled(prefill, device))
+            report(f"prefill, 1 x {args.prefill} tokens", prefill)
         else:
             parser.error(f"--what: unknown {what!r}; choose from decode, train, prefill")
     if args.out:

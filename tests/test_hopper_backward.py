@@ -69,6 +69,7 @@ def _inputs(batch, length, heads, value_heads, key_dim, value_dim, chunks, chunk
     "batch, lengths, heads, value_heads, chunk_size, state_v_first, varlen, pass_indices",
     [
         (2, [100], 2, 4, 32, False, False, False),  # two rows, a partial last chunk, grouped value heads
+        (2, [96], 2, 2, 32, True, False, False),  # two rows of whole chunks: the layout is a reshape
         (1, [37, 63, 30], 2, 2, 32, True, True, False),  # packed sequences, chunks found from cu_seqlens
         (1, [64, 1, 70], 1, 3, 64, False, True, True),  # a one-token sequence; fla's chunk_indices given
     ],

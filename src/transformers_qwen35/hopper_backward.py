@@ -52,20 +52,16 @@ def chunk_bwd_dqkwg(
         raise ValueError("this chunk_bwd_dqkwg serves the gated case only (g given, no g_gamma).")
     batch, length, heads, key_dim = k.shape
     value_heads = v.shape[2]
-    tokens, valid = _chunk_tokens(batch, length, chunk_size, cu_seqlens, chunk_indices, k.device)
-    chunks = tokens.shape[0]
+    layout = _ChunkLayout(batch, length, chunk_size, cu_seqlens, chunk_indices, k.device)
+    valid = layout.valid
+    chunks = valid.shape[0]
     scale = key_dim**-0.5 if scale is None else scale
     groups = value_heads // heads
 
-    def gather(x, heads_in):  # (B, T, heads, d) -> (chunks, heads, BT, d) fp32, zero on padded rows
-        flat = x.reshape(batch * length, heads_in, -1)[tokens].float()
-        return flat.masked_fill(~valid[..., None, None], 0.0).transpose(1, 2)
-
-    q_c = gather(q, heads).repeat_interleave(groups, dim=1)  # value head j reads key head j // groups
-    k_c = gather(k, heads).repeat_interleave(groups, dim=1)
-    v_c, do_c = gather(v, value_heads), gather(do, value_heads)
-    gate = g.reshape(batch * length, value_heads)[tokens].float().masked_fill(~valid[..., None], 0.0)
-    gate = gate.transpose(1, 2)  # (chunks, HV, BT)
+    q_c = layout.gather(q).repeat_interleave(groups, dim=1)  # value head j reads key head j // groups
+    k_c = layout.gather(k).repeat_interleave(groups, dim=1)
+    v_c, do_c = layout.gather(v), layout.gather(do)
+    gate = layout.gather(g[..., None])[..., 0]  # (chunks, HV, BT)
     state, state_grad = h.reshape(chunks, value_heads, *h.shape[-2:]), dh.reshape(chunks, value_heads, *h.shape[-2:])
     if state_v_first:
         state, state_grad = state.transpose(-1, -2), state_grad.transpose(-1, -2)
@@ -87,21 +83,48 @@ def chunk_bwd_dqkwg(
     dg = (dq * q_c).sum(-1) - (dk * k_c).sum(-1)  # (chunks, HV, BT)
     dg = dg.scatter_add(2, last[:, None, None].expand(-1, value_heads, 1), carried[..., None])
 
-    def scatter(x, dtype):  # (chunks, heads, BT, d) -> (B, T, heads, d), real rows only
-        out = x.new_zeros(batch * length, *x.shape[1:2], *x.shape[3:])
-        out[tokens[valid]] = x.transpose(1, 2)[valid]
-        return out.reshape(batch, length, *out.shape[1:]).to(dtype)
-
-    dq_out, dk_out = scatter(dq, q.dtype), scatter(dk, k.dtype)
+    dq_out, dk_out = layout.scatter(dq, q.dtype), layout.scatter(dk, k.dtype)
     if groups > 1:
         dq_out = dq_out.view(batch, length, heads, groups, key_dim).sum(3)
         dk_out = dk_out.view(batch, length, heads, groups, key_dim).sum(3)
     dw_out = None
     if w is not None:
-        dv_c = gather(dv, value_heads)
-        dw_out = scatter(-(dv_c @ state.transpose(-1, -2)), w.dtype)
-    dg_out = scatter(dg[..., None], torch.float32)[..., 0]
+        dw_out = layout.scatter(-(layout.gather(dv) @ state.transpose(-1, -2)), w.dtype)
+    dg_out = layout.scatter(dg[..., None], torch.float32)[..., 0]
     return dq_out.contiguous(), dk_out.contiguous(), dw_out, dg_out.contiguous()
+
+
+class _ChunkLayout:
+    """Where fla's chunks (the row order of ``h``) take their rows from, and the moves between ``(B, T, heads, d)``
+    tensors and ``(chunks, heads, BT, d)`` fp32 blocks. Whole chunks of unpacked sequences are a reshape; otherwise
+    rows are gathered by index, and scattered back by index with the padding rows of partial chunks sent to a spare
+    row: no boolean indexing, which would wait for the GPU (one host sync per call, four calls per layer)."""
+
+    def __init__(self, batch, length, chunk_size, cu_seqlens, chunk_indices, device):
+        self.batch, self.length, self.chunk_size = batch, length, chunk_size
+        self.whole = cu_seqlens is None and length % chunk_size == 0
+        if self.whole:
+            self.valid = torch.ones(batch * length // chunk_size, chunk_size, dtype=torch.bool, device=device)
+        else:
+            self.tokens, self.valid = _chunk_tokens(batch, length, chunk_size, cu_seqlens, chunk_indices, device)
+
+    def gather(self, x):
+        """``(B, T, heads, d)`` -> ``(chunks, heads, BT, d)`` fp32, zero on padding rows."""
+        heads = x.shape[2]
+        if self.whole:
+            return x.reshape(-1, self.chunk_size, heads, x.shape[-1]).transpose(1, 2).float()
+        flat = x.reshape(self.batch * self.length, heads, -1)[self.tokens].float()
+        return flat.masked_fill(~self.valid[..., None, None], 0.0).transpose(1, 2)
+
+    def scatter(self, x, dtype):
+        """``(chunks, heads, BT, d)`` -> ``(B, T, heads, d)`` in ``dtype``, real rows only."""
+        heads, dim = x.shape[1], x.shape[3]
+        rows = x.transpose(1, 2).reshape(-1, heads, dim)
+        if not self.whole:
+            spare = self.batch * self.length  # every padding row lands here, and is dropped
+            target = torch.where(self.valid, self.tokens, spare).reshape(-1)
+            rows = rows.new_zeros(spare + 1, heads, dim).index_copy_(0, target, rows)[:spare]
+        return rows.reshape(self.batch, self.length, heads, dim).to(dtype)
 
 
 def _chunk_tokens(batch, length, chunk_size, cu_seqlens, chunk_indices, device):
