@@ -206,16 +206,31 @@ def install_exact_fake_fla(monkeypatch) -> list[tuple]:
 
     calls = []
 
+    def gates(g, beta, use_gate_in_kernel=False, A_log=None, dt_bias=None, use_beta_sigmoid_in_kernel=False):
+        # fla 0.6: with use_gate_in_kernel, g is the raw input of -exp(A_log) * softplus(g + dt_bias), in fp32
+        # (A_log, dt_bias of shape [HV]); with use_beta_sigmoid_in_kernel, beta is the raw input of a sigmoid.
+        if use_gate_in_kernel:
+            assert A_log is not None and A_log.shape == dt_bias.shape == g.shape[-1:]
+            g = -A_log.float().exp() * torch.nn.functional.softplus(g.float() + dt_bias.float())
+            calls.append(("gates in kernel", g.shape[1], False))
+        if use_beta_sigmoid_in_kernel:
+            beta = beta.float().sigmoid()
+        assert g.dtype == torch.float32 and beta.shape == g.shape
+        return g, beta
+
     def chunk(q, k, v, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False,
-              cu_seqlens=None):  # fmt: skip
-        assert use_qk_l2norm_in_kernel and g.dtype == torch.float32
+              cu_seqlens=None, **gate_options):  # fmt: skip
+        assert use_qk_l2norm_in_kernel
         assert cu_seqlens is None or q.shape[0] == 1
         calls.append(("chunk", q.shape[1], cu_seqlens is not None))
+        g, beta = gates(g, beta, **gate_options)
         return chunk_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state, cu_seqlens)
 
-    def recurrent(q, k, v, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False):
+    def recurrent(q, k, v, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False,
+                  **gate_options):  # fmt: skip
         assert use_qk_l2norm_in_kernel and not torch.is_grad_enabled()  # fla's fused recurrent has no backward
         calls.append(("recurrent", q.shape[1], False))
+        g, beta = gates(g, beta, **gate_options)
         return recurrent_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state)
 
     def conv(x, weight, initial_state=None, output_final_state=False, activation=None, cu_seqlens=None):

@@ -117,16 +117,21 @@ def test_forced_fla_path_passes_the_documented_arguments(monkeypatch):
         ours(ids, position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None])
     assert ("chunk", 12, True) in calls and ("conv", 12, True) in calls
     assert any(call[0] == "rms_norm" for call in calls)
-    # The norms' weights get their gradients through the 1 + w handed to fla.
+    assert ("gates in kernel", 1, False) in calls and ("gates in kernel", 12, False) in calls
+    # The norms' weights get their gradients through the 1 + w handed to fla, A_log and dt_bias through the gates
+    # fla makes in its kernels.
     gradients = {}
     for mode in ("torch", "fla"):
         monkeypatch.setenv(kernels.KERNELS_ENV, mode)
         ours.zero_grad(set_to_none=True)
         ours(ids, labels=ids).loss.backward()
-        gradients[mode] = {name: p.grad.clone() for name, p in ours.named_parameters() if "layernorm" in name}
-    assert gradients["fla"] and all(
-        relative_error(gradients["fla"][name], grad) < 1e-5 for name, grad in gradients["torch"].items()
-    )
+        gradients[mode] = {
+            name: p.grad.clone()
+            for name, p in ours.named_parameters()
+            if "layernorm" in name or name.endswith(("A_log", "dt_bias"))
+        }
+    assert sum(name.endswith("A_log") for name in gradients["fla"]) == ours.config.layer_types.count("linear_attention")
+    assert all(relative_error(gradients["fla"][name], grad) < 1e-5 for name, grad in gradients["torch"].items())
     kernels._load_fla.cache_clear()
 
 

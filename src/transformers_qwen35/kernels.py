@@ -16,6 +16,7 @@ import os
 from types import SimpleNamespace
 
 import torch
+from torch.nn import functional as F
 from transformers.utils import logging
 
 from . import hopper_backward
@@ -130,22 +131,46 @@ def fla_kernels(tensor: torch.Tensor) -> SimpleNamespace | None:
     return fla
 
 
+def decay_and_beta(a, b, A_log, dt_bias):
+    """The Gated DeltaNet gates from their projections ``a``, ``b`` ``(B, T, H_v)``, as built-in transformers makes
+    them: the log-decay ``g = -exp(A_log) * softplus(a + dt_bias)`` in fp32 (``exp(A_log)`` overflows in half
+    precision) and ``beta = sigmoid(b)`` in ``b``'s dtype."""
+    return -A_log.float().exp() * F.softplus(a.float() + dt_bias), b.sigmoid()
+
+
 def gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Shapes: q, k ``(B, T, H_k, d_k)``; v ``(B, T, H_v, d_v)``; g (fp32 log-decay), beta ``(B, T, H_v)``;
     states ``(B or N, H_v, d_k, d_v)`` fp32. Returns ``(o, final_state | None)``."""
+    return _gated_delta_rule(q, k, v, dict(g=g, beta=beta), initial_state, output_final_state, cu_seqlens)
+
+
+def gated_delta_rule_from_projections(
+    q, k, v, a, b, A_log, dt_bias, initial_state=None, output_final_state=False, cu_seqlens=None
+):
+    """``gated_delta_rule`` with the gates given by their projections (``decay_and_beta``'s arguments). fla makes
+    them inside its kernels (the decay fused with its chunk-wise cumulative sum, or in the recurrent step), which
+    saves ~7 small kernels per layer and step: a decoding step is mostly such launches."""
+    fused = dict(g=a, beta=b, use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
+    return _gated_delta_rule(q, k, v, fused, initial_state, output_final_state, cu_seqlens)
+
+
+def _gated_delta_rule(q, k, v, gates, initial_state, output_final_state, cu_seqlens):
     fla = fla_kernels(v)
-    decode = q.shape[1] == 1 and cu_seqlens is None
-    # A few tokens without autograd (speculative verification): stepping beats padding them to a 64-token chunk.
+    # A few tokens without autograd (decoding, speculative verification): stepping beats padding to a 64-token chunk.
     few = cu_seqlens is None and q.shape[1] <= FEW_TOKENS and not torch.is_grad_enabled()
     if fla is None:
-        if decode or few:
+        if gates.get("use_gate_in_kernel"):
+            g, beta = decay_and_beta(gates["g"], gates["beta"], gates["A_log"], gates["dt_bias"])
+        else:
+            g, beta = gates["g"], gates["beta"]
+        if few:
             return torch_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state)
         return torch_chunk_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state, cu_seqlens)
     common = dict(initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)
     if few:
         # The fused recurrent kernel has no backward: inference only.
-        return fla.fused_recurrent(q, k, v, g=g, beta=beta, **common)
-    return fla.chunk(q, k, v, g=g, beta=beta, cu_seqlens=cu_seqlens, **common)
+        return fla.fused_recurrent(q, k, v, **gates, **common)
+    return fla.chunk(q, k, v, cu_seqlens=cu_seqlens, **gates, **common)
 
 
 def causal_conv1d(x, weight, conv_state=None, cu_seqlens=None, position_in_segment=None, need_state=False):

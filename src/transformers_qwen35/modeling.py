@@ -249,14 +249,13 @@ class Qwen3_5GatedDeltaNet(nn.Module):
 
         mixed = self.in_proj_qkv(hidden_states)
         z = self.in_proj_z(hidden_states).view(batch, length, self.num_v_heads, self.head_v_dim)
-        beta = self.in_proj_b(hidden_states).sigmoid()
-        # In fp32: exp(A_log) overflows in half precision.
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(hidden_states).float() + self.dt_bias)
+        # The gates' projections: kernels.decay_and_beta turns them into the decay and beta (on fla, its kernels do).
+        b, a = self.in_proj_b(hidden_states), self.in_proj_a(hidden_states)
 
         cu_seqlens = position_in_segment = None
         if segments is not None:
             # Packed: one flat row, boundaries handed to the conv and the recurrence alike.
-            mixed, beta, g = (t.reshape(1, batch * length, *t.shape[2:]) for t in (mixed, beta, g))
+            mixed, b, a = (t.reshape(1, batch * length, *t.shape[2:]) for t in (mixed, b, a))
             cu_seqlens = segments.cu_seqlens
             position_in_segment = segments.position_in_segment.reshape(1, -1)
         # Speculative verification records the conv's input; otherwise let it go once convolved: at 64k tokens
@@ -276,13 +275,18 @@ class Qwen3_5GatedDeltaNet(nn.Module):
         key = key.reshape(rows, tokens, self.num_k_heads, self.head_k_dim)
         value = value.reshape(rows, tokens, self.num_v_heads, self.head_v_dim)
 
-        output, new_recurrent_state = kernels.gated_delta_rule(
-            query, key, value, g, beta, recurrent_state, output_final_state=cache is not None, cu_seqlens=cu_seqlens
-        )
         if cache is not None and cache.speculating:
             # Speculative verification: keep what it takes to stop the states after any prefix of these tokens.
+            g, beta = kernels.decay_and_beta(a, b, self.A_log, self.dt_bias)
+            output, new_recurrent_state = kernels.gated_delta_rule(
+                query, key, value, g, beta, recurrent_state, output_final_state=True
+            )
             cache.record_linear_step(
                 self.layer_idx, conv_state, recurrent_state, conv_input, query, key, value, g, beta
+            )
+        else:
+            output, new_recurrent_state = kernels.gated_delta_rule_from_projections(
+                query, key, value, a, b, self.A_log, self.dt_bias, recurrent_state, cache is not None, cu_seqlens
             )
         if cache is not None:
             cache.conv_states[self.layer_idx] = new_conv_state
