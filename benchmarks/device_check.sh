@@ -5,10 +5,12 @@
 #   env.txt             versions, kernel availability, nvidia-smi
 #   install.txt         what was installed from .whl/ and how our package imported
 #   pytest.txt          tests/gpu (or a line saying there are none)
-#   compare_0.8B.txt    benchmarks/compare_native.py output (table + JSON line)
+#   compare.txt         benchmarks/compare_native.py output (tables + JSON lines), 0.8B then 9B
 #   compare_0.8B.json   full results (rewritten after every phase, so a cut-short run keeps what it measured)
-#   profile_steps.txt   benchmarks/profile_steps.py: the kernels that take the time in decode and training
-#   breakdown.txt       benchmarks/decode_breakdown.py: a static decoding step taken apart (replay, head, loop)
+#   compare_9B.json     the 9B decode comparison (STEPS with compare9b)
+#   profile.txt         profile_steps.py (the kernels that take the time in decode and training, device-busy vs wall,
+#                       host syncs), then decode_breakdown.py (a static decoding step taken apart)
+#   triton-autotune.tgz Triton's autotuning results (commit as benchmarks/triton-autotune.tgz)
 #
 # Wheels carried in .whl/ (git-ignored; the device tool must be told to carry ".whl"):
 #   .whl/*.whl                        always installed (--no-deps): fla-core
@@ -31,7 +33,7 @@ BENCH_ARGS="${BENCH_ARGS:-}"
 COMPARE_WHAT="${COMPARE_WHAT:-decode,train,prefill}" # most wanted first: a run cut short keeps those
 COMPARE_MTP="${COMPARE_MTP:-}"                         # e.g. 2: MTP rows (random head and always-right drafts)
 PROFILE_WHAT="${PROFILE_WHAT:-decode,train}"           # profile_steps.py phases; empty: skip
-STEPS="${STEPS:-tests compare profile}"                # which of the steps below run, in this order
+STEPS="${STEPS:-tests compare profile}"                # which steps run, in this order (also: compare9b)
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 STARTED=$SECONDS
 
@@ -191,8 +193,16 @@ run_compare() {
     if [[ -n $COMPARE_MTP ]]; then mtp=(--mtp "$COMPARE_MTP" --mtp-oracle); fi
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of extra options
     timeout "$(allow "${COMPARE_S:-330}")" "$PY" benchmarks/compare_native.py --device cuda --size 0.8B --what "$COMPARE_WHAT" \
-        "${mtp[@]}" --json-out "$OUT/compare_0.8B.json" $BENCH_ARGS 2>&1 | tee "$OUT/compare_0.8B.txt" || COMPARE_RC=$?
+        "${mtp[@]}" --json-out "$OUT/compare_0.8B.json" $BENCH_ARGS 2>&1 | tee -a "$OUT/compare.txt" || COMPARE_RC=$?
     log "compare_native rc $COMPARE_RC (124: cut short by the time budget; the JSON keeps the finished phases)"
+}
+
+# 5b. 9B decoding at batch 1 (the issue's third decode target): two 9B models (~18 GB each) on the GPU.
+run_compare9b() {
+    log "running compare_native.py --device cuda --size 9B --what decode --decode-batch 1"
+    timeout "$(allow "${COMPARE9B_S:-200}")" "$PY" benchmarks/compare_native.py --device cuda --size 9B --what decode \
+        --decode-batch 1 --mtp 0 --json-out "$OUT/compare_9B.json" 2>&1 | tee -a "$OUT/compare.txt" ||
+        log "compare_native 9B rc $?"
 }
 
 # 6. Which kernels take the time (decode, training step), then a static decoding step taken apart.
@@ -200,10 +210,10 @@ run_profile() {
     if [[ -n $PROFILE_WHAT ]]; then
         log "running profile_steps.py --size 0.8B --what $PROFILE_WHAT"
         timeout "$(allow 90)" "$PY" benchmarks/profile_steps.py --size 0.8B --what "$PROFILE_WHAT" \
-            --out "$OUT/profile_steps.txt" >/dev/null 2>&1 || log "profile_steps rc $?"
+            --out "$OUT/profile.txt" >/dev/null 2>&1 || log "profile_steps rc $?"
     fi
     log "running decode_breakdown.py --size 0.8B"
-    timeout "$(allow 90)" "$PY" benchmarks/decode_breakdown.py --size 0.8B --batch 1,8 2>&1 | tee "$OUT/breakdown.txt" ||
+    timeout "$(allow 90)" "$PY" benchmarks/decode_breakdown.py --size 0.8B --batch 1,8 2>&1 | tee -a "$OUT/profile.txt" ||
         log "decode_breakdown rc $?"
 }
 
@@ -211,8 +221,9 @@ for step in $STEPS; do
     case $step in
     tests) run_tests ;;
     compare) run_compare ;;
+    compare9b) run_compare9b ;;
     profile) run_profile ;;
-    *) log "unknown step '$step' in STEPS (known: tests compare profile)" ;;
+    *) log "unknown step '$step' in STEPS (known: tests compare compare9b profile)" ;;
     esac
 done
 
