@@ -201,7 +201,7 @@ def rms_norm(x, weight, eps):
         return torch_rms_norm(x, weight, eps)
     try:
         # fla multiplies by the weight it is given, in fp32: hand it 1 + w in fp32 (gradients flow back to w).
-        return fla.rms_norm(x, 1.0 + weight.float(), None, eps=eps)
+        return fla.rms_norm(x, _plus_one(weight), None, eps=eps)
     except (RuntimeError, ValueError, TypeError, AssertionError) as error:
         # One fused kernel among several paths: should it refuse an input, the exact PyTorch norm serves (once said).
         if "rms_norm-failed" not in _logged:
@@ -211,8 +211,26 @@ def rms_norm(x, weight, eps):
         return torch_rms_norm(x, weight, eps)
 
 
+_ONES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _plus_one(weight: torch.Tensor) -> torch.Tensor:
+    """``1 + weight`` in fp32 in one kernel (a mixed-dtype add into fp32), where ``1.0 + weight.float()`` takes two:
+    a decoding step has ~60 norms and is mostly such launches. The ones are kept per size and device, made outside
+    any CUDA graph capture (a capture's allocations belong to its graph)."""
+    key = (weight.numel(), weight.device)
+    ones = _ONES.get(key)
+    if ones is None:
+        if weight.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return 1.0 + weight.float()
+        ones = _ONES[key] = torch.ones(weight.shape, dtype=torch.float32, device=weight.device)
+    return torch.add(ones, weight)
+
+
 def gated_rms_norm(x, gate, weight, eps):
     fla = fla_kernels(x)
     if fla is None:
         return torch_gated_rms_norm(x, gate, weight, eps)
-    return fla.rms_norm_gated(x, gate, weight.to(x.dtype), None, activation="silu", eps=eps)
+    # The weight as it is (fp32 in the official checkpoints): fla reads it in fp32, as built-in's norm multiplies by
+    # it, and returns its gradient in its dtype; no cast kernel per call.
+    return fla.rms_norm_gated(x, gate, weight, None, activation="silu", eps=eps)
