@@ -255,11 +255,14 @@ def install_exact_fake_fla(monkeypatch) -> list[tuple]:
         return kernels.torch_gated_rms_norm(x, gate, weight, eps)
 
     def rms_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False):
-        # fla's LayerNormFunction with is_rms_norm: y = x * rstd * weight, in fp32, stored in x's dtype
-        assert bias is None and residual is None and not prenorm and weight.shape == x.shape[-1:]
-        calls.append(("rms_norm", x.shape[-2] if x.dim() > 1 else 1, False))
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+        # fla's LayerNormFunction with is_rms_norm: y = x * rstd * weight, in fp32, stored in x's dtype; with a
+        # residual, x + residual in fp32 is normalised and (prenorm) returned too, in the residual's dtype
+        assert bias is None and weight.shape == x.shape[-1:] and prenorm == (residual is not None)
+        assert residual is None or residual.shape == x.shape
+        calls.append(("rms_norm" if residual is None else "add_rms_norm", x.shape[-2] if x.dim() > 1 else 1, False))
+        x32 = x.float() if residual is None else x.float() + residual.float()
+        y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+        return y if residual is None else (y, x32.to(residual.dtype))
 
     install_fake_fla(
         monkeypatch,

@@ -116,7 +116,7 @@ def test_forced_fla_path_passes_the_documented_arguments(monkeypatch):
     with torch.no_grad():
         ours(ids, position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None])
     assert ("chunk", 12, True) in calls and ("conv", 12, True) in calls
-    assert any(call[0] == "rms_norm" for call in calls)
+    assert any(call[0] == "rms_norm" for call in calls) and any(call[0] == "add_rms_norm" for call in calls)
     assert ("gates in kernel", 1, False) in calls and ("gates in kernel", 12, False) in calls
     # The norms' weights get their gradients through the 1 + w handed to fla, A_log and dt_bias through the gates
     # fla makes in its kernels.
@@ -185,4 +185,31 @@ def test_a_failing_fused_norm_falls_back_to_the_pytorch_norm(monkeypatch):
     with torch.no_grad():
         assert relative_error(ours(ids).logits, reference) < 1e-5
     assert kernels._load_fla().rms_norm is None
+    kernels._load_fla.cache_clear()
+
+
+def test_norm_weights_are_prepared_together_without_autograd(monkeypatch):
+    """On fla's norm without autograd, the 1 + w of every zero-centred RMSNorm is made once per forward (one
+    concatenation, one add), and the norms read it: same logits as the PyTorch path, weights changed in place seen."""
+    install_exact_fake_fla(monkeypatch)
+    ours, _ = build_pair(seed=10, rms_norm_eps=1e-6)
+    text = ours.model
+    sizes = []
+    original = kernels._ones
+    monkeypatch.setattr(kernels, "_ones", lambda size, device: sizes.append(size) or original(size, device))
+    ids = torch.randint(1, 99, (2, 7))
+    with torch.no_grad():
+        text.layers[1].post_attention_layernorm.weight.add_(0.25)  # seen by the next forward
+        monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
+        reference = ours(ids).logits
+        monkeypatch.setenv(kernels.KERNELS_ENV, "fla")
+        fused = ours(ids).logits
+    norms = text.norm_weights()
+    assert len(norms) == 2 * len(text.layers) + 2 * text.config.layer_types.count("full_attention") + 1
+    assert sizes == [sum(weight.numel() for weight in norms)]  # one preparation, no norm made its own
+    assert relative_error(fused, reference) < 1e-5
+    sizes.clear()
+    monkeypatch.setenv(kernels.KERNELS_ENV, "fla")
+    ours(ids, labels=ids).loss.backward()  # with autograd each norm makes its own, and w gets its gradient
+    assert len(sizes) == len(norms) and norms[0].grad is not None
     kernels._load_fla.cache_clear()

@@ -10,6 +10,8 @@ transformers crashes there. fla is imported lazily, only once a CUDA tensor asks
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 import os
@@ -196,35 +198,80 @@ def causal_conv1d(x, weight, conv_state=None, cu_seqlens=None, position_in_segme
 
 def rms_norm(x, weight, eps):
     """Qwen3.5's zero-centred RMSNorm, ``x_hat * (1 + weight)`` in fp32, cast to ``x``'s dtype."""
+    return _rms_norm(x, None, weight, eps)
+
+
+def add_rms_norm(x, residual, weight, eps):
+    """``(rms_norm(residual + x), residual + x)``: a decoder layer's residual add and the norm after it, one kernel
+    on fla (which normalises the fp32 sum before rounding it to the residual's dtype)."""
+    return _rms_norm(x, residual, weight, eps)
+
+
+def _rms_norm(x, residual, weight, eps):
     fla = fla_kernels(x)
-    if fla is None or fla.rms_norm is None:
+    if fla is not None and fla.rms_norm is not None:
+        try:
+            # fla multiplies by the weight it is given, in fp32: hand it 1 + w in fp32 (gradients flow back to w).
+            if residual is None:
+                return fla.rms_norm(x, _plus_one(weight), None, eps=eps)
+            return fla.rms_norm(x, _plus_one(weight), None, residual=residual, prenorm=True, eps=eps)
+        except (RuntimeError, ValueError, TypeError, AssertionError) as error:
+            # One fused kernel among several paths: should it refuse an input, the exact PyTorch norm serves.
+            if "rms_norm-failed" not in _logged:
+                _logged.add("rms_norm-failed")
+                logger.warning(f"fla's rms_norm failed ({type(error).__name__}: {error}); using the PyTorch RMSNorm.")
+            fla.rms_norm = None
+    if residual is None:
         return torch_rms_norm(x, weight, eps)
-    try:
-        # fla multiplies by the weight it is given, in fp32: hand it 1 + w in fp32 (gradients flow back to w).
-        return fla.rms_norm(x, _plus_one(weight), None, eps=eps)
-    except (RuntimeError, ValueError, TypeError, AssertionError) as error:
-        # One fused kernel among several paths: should it refuse an input, the exact PyTorch norm serves (once said).
-        if "rms_norm-failed" not in _logged:
-            _logged.add("rms_norm-failed")
-            logger.warning(f"fla's rms_norm failed ({type(error).__name__}: {error}); using the PyTorch RMSNorm.")
-        fla.rms_norm = None
-        return torch_rms_norm(x, weight, eps)
+    summed = residual + x
+    return torch_rms_norm(summed, weight, eps), summed
 
 
 _ONES: dict[tuple[int, torch.device], torch.Tensor] = {}
+# id(weight) -> its 1 + weight in fp32, while norm_weights_prepared() is in force.
+_PREPARED: contextvars.ContextVar[dict[int, torch.Tensor] | None] = contextvars.ContextVar("norms", default=None)
 
 
 def _plus_one(weight: torch.Tensor) -> torch.Tensor:
-    """``1 + weight`` in fp32 in one kernel (a mixed-dtype add into fp32), where ``1.0 + weight.float()`` takes two:
-    a decoding step has ~60 norms and is mostly such launches. The ones are kept per size and device, made outside
-    any CUDA graph capture (a capture's allocations belong to its graph)."""
-    key = (weight.numel(), weight.device)
-    ones = _ONES.get(key)
+    """``1 + weight`` in fp32: prepared with the others (``norm_weights_prepared``), else one kernel (a mixed-dtype
+    add into fp32, where ``1.0 + weight.float()`` takes two): a decoding step has ~60 norms and is mostly such
+    launches."""
+    prepared = _PREPARED.get()
+    if prepared is not None and id(weight) in prepared:
+        return prepared[id(weight)]
+    ones = _ones(weight.numel(), weight.device)
+    return 1.0 + weight.float() if ones is None else torch.add(ones.view_as(weight), weight)
+
+
+def _ones(size: int, device: torch.device) -> torch.Tensor | None:
+    """fp32 ones, kept per size and device; None during a CUDA graph capture when not made yet (a capture's
+    allocations belong to its graph)."""
+    ones = _ONES.get((size, device))
     if ones is None:
-        if weight.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return 1.0 + weight.float()
-        ones = _ONES[key] = torch.ones(weight.shape, dtype=torch.float32, device=weight.device)
-    return torch.add(ones, weight)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        ones = _ONES[(size, device)] = torch.ones(size, dtype=torch.float32, device=device)
+    return ones
+
+
+@contextlib.contextmanager
+def norm_weights_prepared(weights: list[torch.Tensor]):
+    """Within the block, the fused RMSNorms of these weights read ``1 + w`` made for all of them at once (a
+    concatenation and one add, ~2 kernels instead of one per norm). Without autograd and on fla's norm only: the
+    values are made afresh on entry, so a CUDA graph captured inside reads the weights as they are at each replay."""
+    fla = fla_kernels(weights[0]) if weights and not torch.is_grad_enabled() else None
+    if fla is None or fla.rms_norm is None:
+        yield
+        return
+    flat = torch.cat([weight.reshape(-1) for weight in weights])
+    ones = _ones(flat.numel(), flat.device)
+    plus_one = 1.0 + flat.float() if ones is None else torch.add(ones, flat)
+    pieces = plus_one.split([weight.numel() for weight in weights])
+    token = _PREPARED.set({id(weight): piece.view_as(weight) for weight, piece in zip(weights, pieces)})
+    try:
+        yield
+    finally:
+        _PREPARED.reset(token)
 
 
 def gated_rms_norm(x, gate, weight, eps):

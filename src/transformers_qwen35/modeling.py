@@ -59,6 +59,10 @@ class Qwen3_5RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.rms_norm(x, self.weight, self.eps)
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(residual + x), residual + x)``, fused where the kernels allow."""
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
 
@@ -328,8 +332,8 @@ class Qwen3_5DecoderLayer(GradientCheckpointingLayer):
             hidden_states, weights = self.self_attn(
                 hidden_states, position_embeddings, attention_mask=attention_mask, cache=cache, **kwargs
             )
-        hidden_states = residual + hidden_states
-        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        normed, hidden_states = self.post_attention_layernorm.add_and_norm(hidden_states, residual)
+        hidden_states = hidden_states + self.mlp(normed)
         return hidden_states, weights
 
 
@@ -587,6 +591,11 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    def norm_weights(self) -> list[torch.Tensor]:
+        """The weights of the zero-centred RMSNorms of the layers and the final norm, for
+        ``kernels.norm_weights_prepared`` (found afresh each time: modules can be swapped)."""
+        return [module.weight for module in self.modules() if isinstance(module, Qwen3_5RMSNorm)]
+
     def resolve_use_cache(self, use_cache: bool | None) -> bool:
         """Training keeps no cache unless asked; with activation checkpointing never: the recomputed forward would
         append the same keys to it a second time."""
@@ -674,22 +683,23 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, rope_positions)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        for layer in self.layers:
-            hidden_states, weights = layer(
-                hidden_states,
-                position_embeddings=position_embeddings,
-                attention_mask=attention_mask_4d,
-                padding_mask=padding_mask,
-                segments=segments,
-                cache=cache if use_cache else None,
-                position_ids=text_positions,
-                **kwargs,
-            )
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions and layer.layer_type == FULL_ATTENTION:
-                all_attentions += (weights,)
-        hidden_states = self.norm(hidden_states)
+        with kernels.norm_weights_prepared(self.norm_weights()):
+            for layer in self.layers:
+                hidden_states, weights = layer(
+                    hidden_states,
+                    position_embeddings=position_embeddings,
+                    attention_mask=attention_mask_4d,
+                    padding_mask=padding_mask,
+                    segments=segments,
+                    cache=cache if use_cache else None,
+                    position_ids=text_positions,
+                    **kwargs,
+                )
+                if output_hidden_states:
+                    all_hidden_states += (hidden_states,)
+                if output_attentions and layer.layer_type == FULL_ATTENTION:
+                    all_attentions += (weights,)
+            hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
         if use_cache and cache is not None:

@@ -28,6 +28,7 @@ import weakref
 
 import torch
 
+from . import kernels
 from .cache import Qwen3_5HybridCache
 
 CUDA_GRAPHS_ENV = "TRANSFORMERS_QWEN35_CUDA_GRAPHS"
@@ -226,9 +227,10 @@ def forward_block(model, cache: StaticHybridCache, ids: torch.Tensor, positions:
     hidden = text.embed_tokens(ids)
     position_embeddings = text.rotary_emb(hidden, positions)
     mask = cache.block_mask(ids.shape[1])
-    for layer in text.layers:
-        hidden, _ = layer(hidden, position_embeddings=position_embeddings, attention_mask=mask, cache=cache)
-    return text.norm(hidden)
+    with kernels.norm_weights_prepared(text.norm_weights()):
+        for layer in text.layers:
+            hidden, _ = layer(hidden, position_embeddings=position_embeddings, attention_mask=mask, cache=cache)
+        return text.norm(hidden)
 
 
 class GraphedBlock:
