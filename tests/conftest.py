@@ -184,6 +184,7 @@ def install_fake_fla(monkeypatch, impl):
         "fla.modules.norm": types.ModuleType("fla.modules.norm"),
         "fla.modules.norm.fused_norm_gate": types.ModuleType("fla.modules.norm.fused_norm_gate"),
         "fla.modules.norm.layernorm": types.ModuleType("fla.modules.norm.layernorm"),
+        "fla.modules.activations": types.ModuleType("fla.modules.activations"),
     }
     modules["fla.ops.gated_delta_rule"].chunk_gated_delta_rule = impl["chunk"]
     modules["fla.ops.gated_delta_rule"].fused_recurrent_gated_delta_rule = impl["recurrent"]
@@ -192,6 +193,8 @@ def install_fake_fla(monkeypatch, impl):
     modules["fla.modules.norm.fused_norm_gate"].rms_norm_gated = impl["norm"]
     if "rms_norm" in impl:
         modules["fla.modules.norm.layernorm"].rms_norm = impl["rms_norm"]
+    if "swiglu" in impl:
+        modules["fla.modules.activations"].swiglu = impl["swiglu"]
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(kernels, "_logged", set())
@@ -264,10 +267,19 @@ def install_exact_fake_fla(monkeypatch) -> list[tuple]:
         y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
         return y if residual is None else (y, x32.to(residual.dtype))
 
+    def swiglu(x, y):
+        # fla's SwiGLUFunction: silu(x) * y in fp32, stored in x's dtype
+        assert x.shape == y.shape
+        calls.append(("swiglu", x.shape[-2], False))
+        return (torch.nn.functional.silu(x.float()) * y.float()).to(x.dtype)
+
     install_fake_fla(
         monkeypatch,
-        dict(chunk=chunk, recurrent=recurrent, conv=conv, conv_update=conv_update, norm=norm, rms_norm=rms_norm),
-    )
+        dict(
+            chunk=chunk, recurrent=recurrent, conv=conv, conv_update=conv_update, norm=norm, rms_norm=rms_norm,
+            swiglu=swiglu,
+        ),
+    )  # fmt: skip
     return calls
 
 

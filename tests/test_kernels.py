@@ -118,8 +118,9 @@ def test_forced_fla_path_passes_the_documented_arguments(monkeypatch):
     assert ("chunk", 12, True) in calls and ("conv", 12, True) in calls
     assert any(call[0] == "rms_norm" for call in calls) and any(call[0] == "add_rms_norm" for call in calls)
     assert ("gates in kernel", 1, False) in calls and ("gates in kernel", 12, False) in calls
+    assert ("swiglu", 12, False) in calls
     # The norms' weights get their gradients through the 1 + w handed to fla, A_log and dt_bias through the gates
-    # fla makes in its kernels.
+    # fla makes in its kernels, the MLP's through fla's SwiGLU.
     gradients = {}
     for mode in ("torch", "fla"):
         monkeypatch.setenv(kernels.KERNELS_ENV, mode)
@@ -128,7 +129,7 @@ def test_forced_fla_path_passes_the_documented_arguments(monkeypatch):
         gradients[mode] = {
             name: p.grad.clone()
             for name, p in ours.named_parameters()
-            if "layernorm" in name or name.endswith(("A_log", "dt_bias"))
+            if "layernorm" in name or name.endswith(("A_log", "dt_bias")) or "mlp" in name
         }
     assert sum(name.endswith("A_log") for name in gradients["fla"]) == ours.config.layer_types.count("linear_attention")
     assert all(relative_error(gradients["fla"][name], grad) < 1e-5 for name, grad in gradients["torch"].items())

@@ -57,9 +57,14 @@ def _load_fla() -> SimpleNamespace | None:
         rms_norm = importlib.import_module("fla.modules.norm.layernorm").rms_norm
     except Exception:
         rms_norm = None
+    try:  # the MLP's silu(gate) * up in one kernel (and one for its backward)
+        swiglu = importlib.import_module("fla.modules.activations").swiglu
+    except Exception:
+        swiglu = None
     return SimpleNamespace(
         hopper_backward=hopper_backward.register_with_fla(),
         rms_norm=rms_norm,
+        swiglu=swiglu,
         chunk=gdn.chunk_gated_delta_rule,
         fused_recurrent=gdn.fused_recurrent_gated_delta_rule,
         conv=conv.causal_conv1d,
@@ -272,6 +277,15 @@ def norm_weights_prepared(weights: list[torch.Tensor]):
         yield
     finally:
         _PREPARED.reset(token)
+
+
+def swiglu(gate, up):
+    """``silu(gate) * up``: fla's kernel (in fp32, rounded once), else in place on ``gate`` (a fresh projection
+    output: autograd keeps what it needs)."""
+    fla = fla_kernels(gate)
+    if fla is not None and fla.swiglu is not None:
+        return fla.swiglu(gate, up)
+    return F.silu(gate, inplace=True).mul_(up)
 
 
 def gated_rms_norm(x, gate, weight, eps):
