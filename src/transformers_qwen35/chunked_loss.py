@@ -158,11 +158,11 @@ def _fused_chunk(
     loss = torch.where(counted, (row_max + sums.log()).squeeze(1) - picked, 0.0).sum()
     if grad_hidden is None and weight_blocks is None and grad_bias is None:
         return loss
-    # d (summed cross-entropy) / d logits = softmax - one_hot(target) on counted rows, 0 on the others.
-    grad_logits = exps.div_(sums)
+    # d (summed cross-entropy) / d logits = softmax - one_hot(target) on counted rows, 0 on the others: dividing
+    # the others by infinity zeroes them in the same pass (no second pass over the chunk to mask them).
+    grad_logits = exps.div_(sums.masked_fill_(~counted.unsqueeze(1), torch.inf))
     del exps
-    grad_logits[torch.arange(len(targets), device=targets.device), indices] -= 1.0
-    grad_logits.masked_fill_(~counted.unsqueeze(1), 0.0)
+    grad_logits[torch.arange(len(targets), device=targets.device), indices] -= counted.to(grad_logits.dtype)
     if grad_bias is not None:
         grad_bias.add_(grad_logits.sum(0))
     # The matmuls run in the compute dtype, as autograd's through F.linear and .float() would (fp32 accumulation
