@@ -40,7 +40,8 @@ def summary(trace, device, rows: int) -> str:
 def profiled(function, device):
     from torch.profiler import ProfilerActivity, profile
 
-    function()  # warm-up: compilation, autotuning, graph capture stay out of the profile
+    for _ in range(2):  # warm-up: compilation, autotuning, graph capture, the allocator's growth stay out
+        function()
     if device.type == "cuda":
         torch.cuda.synchronize()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
