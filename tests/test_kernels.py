@@ -214,3 +214,18 @@ def test_norm_weights_are_prepared_together_without_autograd(monkeypatch):
     ours(ids, labels=ids).loss.backward()  # with autograd each norm makes its own, and w gets its gradient
     assert len(sizes) == len(norms) and norms[0].grad is not None
     kernels._load_fla.cache_clear()
+
+
+def test_large_swiglu_without_autograd_is_made_in_place(monkeypatch):
+    """fla's SwiGLU allocates its output: a large prefill makes the activation in place instead (same values)."""
+    calls = install_exact_fake_fla(monkeypatch)
+    monkeypatch.setenv(kernels.KERNELS_ENV, "fla")
+    gate, up = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    expected = torch.nn.functional.silu(gate) * up
+    monkeypatch.setattr(kernels, "IN_PLACE_SWIGLU_ELEMENTS", 96)
+    with torch.no_grad():
+        assert torch.allclose(kernels.swiglu(gate.clone(), up), expected, atol=1e-6) and not calls  # 96: in place
+        small = gate[:1, :5].clone()
+        assert torch.allclose(kernels.swiglu(small, up[:1, :5]), expected[:1, :5], atol=1e-6)
+    assert calls == [("swiglu", 5, False)]
+    kernels._load_fla.cache_clear()

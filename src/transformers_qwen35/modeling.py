@@ -121,28 +121,27 @@ class Qwen3_5TextRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``position_ids`` ``(3, B, T)`` -> cos, sin ``(B, T, rotary_dim)`` in ``x``'s dtype."""
+        """``position_ids`` ``(3, B, T)`` -> cos, sin ``(B, T, head_dim)`` in ``x``'s dtype, laid out for
+        ``apply_partial_rotary``: over the rotary dims ``[cos, cos]`` and ``[-sin, sin]`` (the sign of
+        rotate-half folded in), over the dims that pass through 1 and 0. Made once per forward for every layer."""
         inv_freq, axis = self._frequencies(x.device)
         positions = position_ids.to(x.device)[axis].float()  # (half, B, T)
         angles = positions.permute(1, 2, 0) * inv_freq
-        angles = torch.cat([angles, angles], dim=-1)
         cos = angles.cos() * self.attention_scaling
         sin = angles.sin() * self.attention_scaling
-        return cos.to(x.dtype), sin.to(x.dtype)
+        passed = self.config.head_dim - 2 * angles.shape[-1]
+        ones, zeros = cos.new_ones(*cos.shape[:2], passed), cos.new_zeros(*cos.shape[:2], passed)
+        return torch.cat([cos, cos, ones], -1).to(x.dtype), torch.cat([-sin, sin, zeros], -1).to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
-
-
-def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on the first ``cos.shape[-1]`` dims of ``x`` ``(B, H, T, D)``; the rest pass through unchanged."""
-    rotary_dim = cos.shape[-1]
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """RoPE on the first ``rotary_dim`` dims of ``x`` ``(B, H, T, D)``; the rest pass through unchanged (times 1,
+    plus 0). ``cos``, ``sin`` as the rotary embedding lays them out: ``x * cos + rotate_half(x) * sin`` with the
+    sign inside ``sin``, in three kernels (a multiply, the halves swapped, a multiply-add)."""
+    half = rotary_dim // 2
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
-    rotated = rotated * cos + _rotate_half(rotated) * sin
-    return torch.cat([rotated, passed], dim=-1)
+    swapped = torch.cat([x[..., half:rotary_dim], x[..., :half], x[..., rotary_dim:]], dim=-1)
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 def eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -191,7 +190,8 @@ class Qwen3_5Attention(nn.Module):
         value = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
 
         cos, sin = position_embeddings
-        query, key = apply_partial_rotary(query, cos, sin), apply_partial_rotary(key, cos, sin)
+        rotary_dim = self.config.rotary_dim
+        query, key = apply_partial_rotary(query, cos, sin, rotary_dim), apply_partial_rotary(key, cos, sin, rotary_dim)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
