@@ -141,7 +141,7 @@ def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     half = rotary_dim // 2
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     swapped = torch.cat([x[..., half:rotary_dim], x[..., :half], x[..., rotary_dim:]], dim=-1)
-    return torch.addcmul(x * cos, swapped, sin)
+    return (x * cos).addcmul_(swapped, sin)  # in place on the fresh product: one full-size tensor fewer
 
 
 def eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
