@@ -127,11 +127,11 @@ class Qwen3_5TextRotaryEmbedding(nn.Module):
         inv_freq, axis = self._frequencies(x.device)
         positions = position_ids.to(x.device)[axis].float()  # (half, B, T)
         angles = positions.permute(1, 2, 0) * inv_freq
-        cos = angles.cos() * self.attention_scaling
-        sin = angles.sin() * self.attention_scaling
+        cos = (angles.cos() * self.attention_scaling).to(x.dtype)
+        sin = (angles.sin() * self.attention_scaling).to(x.dtype)
         passed = self.config.head_dim - 2 * angles.shape[-1]
         ones, zeros = cos.new_ones(*cos.shape[:2], passed), cos.new_zeros(*cos.shape[:2], passed)
-        return torch.cat([cos, cos, ones], -1).to(x.dtype), torch.cat([-sin, sin, zeros], -1).to(x.dtype)
+        return torch.cat([cos, cos, ones], -1), torch.cat([-sin, sin, zeros], -1)
 
 
 def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
