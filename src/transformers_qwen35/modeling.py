@@ -56,11 +56,11 @@ class Qwen3_5RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
-
-    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(self(residual + x), residual + x)``, fused where the kernels allow."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """The norm of ``x``; with ``residual``, ``(norm of residual + x, residual + x)``, fused where the kernels
+        allow. (One ``forward``, not a second method: hooks on the module, FSDP's unsharding among them, run.)"""
+        if residual is None:
+            return kernels.rms_norm(x, self.weight, self.eps)
         return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
     def extra_repr(self) -> str:
@@ -320,10 +320,19 @@ class Qwen3_5DecoderLayer(GradientCheckpointingLayer):
         padding_mask=None,
         segments=None,
         cache=None,
+        mlp_output=None,
+        defer_mlp_output=False,
         **kwargs,
     ):
-        residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
+        """Returns ``(hidden_states, attention weights or None)``. Deferred residual add: with ``mlp_output`` (the
+        previous layer's, not yet added) the layer's input is ``hidden_states + mlp_output``, summed inside its first
+        norm's kernel; with ``defer_mlp_output`` it returns ``(hidden_states, mlp_output)`` the same way in place of
+        ``hidden_states``. A whole decoder stack then runs one residual add fewer per layer."""
+        if mlp_output is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(mlp_output, residual=hidden_states)
         weights = None
         if self.layer_type == LINEAR_ATTENTION:
             hidden_states = self.linear_attn(hidden_states, padding_mask=padding_mask, segments=segments, cache=cache)
@@ -331,9 +340,11 @@ class Qwen3_5DecoderLayer(GradientCheckpointingLayer):
             hidden_states, weights = self.self_attn(
                 hidden_states, position_embeddings, attention_mask=attention_mask, cache=cache, **kwargs
             )
-        normed, hidden_states = self.post_attention_layernorm.add_and_norm(hidden_states, residual)
-        hidden_states = hidden_states + self.mlp(normed)
-        return hidden_states, weights
+        normed, hidden_states = self.post_attention_layernorm(hidden_states, residual=residual)
+        mlp_output = self.mlp(normed)
+        if defer_mlp_output:
+            return (hidden_states, mlp_output), weights
+        return hidden_states + mlp_output, weights
 
 
 class Qwen3_5PreTrainedModel(PreTrainedModel):
@@ -682,6 +693,12 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, rope_positions)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
+        # Each layer's last residual add is left to the next layer's first norm (see the decoder layer), unless
+        # every layer's output is asked for, or layers are checkpointed (reentrant checkpointing only sees
+        # positional tensors).
+        checkpointed = self.training and any(layer.gradient_checkpointing for layer in self.layers)
+        defer = not output_hidden_states and not checkpointed
+        pending = None
         with kernels.norm_weights_prepared(self.norm_weights()):
             for layer in self.layers:
                 hidden_states, weights = layer(
@@ -692,13 +709,17 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
                     segments=segments,
                     cache=cache if use_cache else None,
                     position_ids=text_positions,
+                    mlp_output=pending,
+                    defer_mlp_output=defer,
                     **kwargs,
                 )
+                if defer:
+                    hidden_states, pending = hidden_states
                 if output_hidden_states:
                     all_hidden_states += (hidden_states,)
                 if output_attentions and layer.layer_type == FULL_ATTENTION:
                     all_attentions += (weights,)
-            hidden_states = self.norm(hidden_states)
+            hidden_states = self.norm(pending, residual=hidden_states)[0] if defer else self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
         if use_cache and cache is not None:
