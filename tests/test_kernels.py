@@ -229,3 +229,26 @@ def test_large_swiglu_without_autograd_is_made_in_place(monkeypatch):
         assert torch.allclose(kernels.swiglu(small, up[:1, :5]), expected[:1, :5], atol=1e-6)
     assert calls == [("swiglu", 5, False)]
     kernels._load_fla.cache_clear()
+
+
+@pytest.mark.parametrize("kernel_mode", ["torch", "fla"])
+def test_deferred_residual_adds_give_the_same_logits(monkeypatch, kernel_mode):
+    """Short inputs leave each layer's last residual add to the next layer's first norm: the same numbers as adding
+    it in place (fp32), on the PyTorch path and on fla's fused norm (fake)."""
+    from transformers_qwen35 import modeling
+
+    calls = install_exact_fake_fla(monkeypatch)
+    monkeypatch.setenv(kernels.KERNELS_ENV, kernel_mode)
+    ours, _ = build_pair(seed=11, rms_norm_eps=1e-6)
+    ids = torch.randint(1, 99, (2, 9))
+    logits = {}
+    for limit in (0, 10**6):
+        monkeypatch.setattr(modeling, "DEFER_RESIDUAL_TOKENS", limit)
+        calls.clear()
+        with torch.no_grad():
+            logits[limit] = ours(ids).logits
+        fused_adds = sum(call[0] == "add_rms_norm" for call in calls)
+        layers = len(ours.model.layers)
+        assert fused_adds == (0 if kernel_mode == "torch" else layers + (layers if limit else 0)), fused_adds
+    assert torch.allclose(logits[0], logits[10**6], rtol=0, atol=1e-6)
+    kernels._load_fla.cache_clear()
