@@ -185,10 +185,14 @@ class Qwen3_5Attention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
         batch, length, _ = hidden_states.shape
-        query_and_gate = self.q_proj(hidden_states).view(batch, length, self.num_heads, 2 * self.head_dim)
-        query, gate = query_and_gate.split(self.head_dim, dim=-1)
-        gate = gate.reshape(batch, length, -1)
+        # No name for the projection itself: once the query is normed and the gate copied out, it is freed.
+        query, gate = (
+            self.q_proj(hidden_states)
+            .view(batch, length, self.num_heads, 2 * self.head_dim)
+            .split(self.head_dim, dim=-1)
+        )
         query = self.q_norm(query).transpose(1, 2)
+        gate = gate.reshape(batch, length, -1)
         key = self.k_norm(self.k_proj(hidden_states).view(batch, length, -1, self.head_dim)).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
 
