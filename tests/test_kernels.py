@@ -252,3 +252,20 @@ def test_deferred_residual_adds_give_the_same_logits(monkeypatch, kernel_mode):
         assert fused_adds == (0 if kernel_mode == "torch" else layers + (layers if limit else 0)), fused_adds
     assert torch.allclose(logits[0], logits[10**6], rtol=0, atol=1e-6)
     kernels._load_fla.cache_clear()
+
+
+def test_fused_residual_norm_under_autocast_keeps_the_sums_dtype(monkeypatch):
+    """Under autocast the residual stream stays fp32 while layer outputs are bf16: fla's fused add-and-norm then
+    returns what the PyTorch path does (fp32 sum, fp32 norm), not the layer output's dtype."""
+    install_exact_fake_fla(monkeypatch)
+    ours, _ = build_pair(seed=12, rms_norm_eps=1e-6)
+    ids = torch.randint(1, 99, (1, 6))
+    hidden = {}
+    for mode in ("torch", "fla"):
+        monkeypatch.setenv(kernels.KERNELS_ENV, mode)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden[mode] = ours.model(ids).last_hidden_state
+    assert hidden["fla"].dtype == hidden["torch"].dtype == torch.float32
+    # bf16 rounding apart (the fake makes gates and SwiGLU in fp32, as fla does): 2.6e-2; a wrong sum is O(1)
+    assert relative_error(hidden["fla"], hidden["torch"]) < 0.1
+    kernels._load_fla.cache_clear()

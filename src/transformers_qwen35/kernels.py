@@ -219,6 +219,9 @@ def _rms_norm(x, residual, weight, eps):
             # fla multiplies by the weight it is given, in fp32: hand it 1 + w in fp32 (gradients flow back to w).
             if residual is None:
                 return fla.rms_norm(x, _plus_one(weight), None, eps=eps)
+            if x.dtype != residual.dtype:  # under autocast (an fp32 residual stream): outputs as the sum's dtype
+                x = x.to(torch.promote_types(x.dtype, residual.dtype))
+                residual = residual.to(x.dtype)
             return fla.rms_norm(x, _plus_one(weight), None, residual=residual, prenorm=True, eps=eps)
         except (RuntimeError, ValueError, TypeError, AssertionError) as error:
             # One fused kernel among several paths: should it refuse an input, the exact PyTorch norm serves.
