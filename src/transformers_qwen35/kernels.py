@@ -263,12 +263,15 @@ def _ones(size: int, device: torch.device) -> torch.Tensor | None:
 
 
 @contextlib.contextmanager
-def norm_weights_prepared(weights: list[torch.Tensor]):
-    """Within the block, the fused RMSNorms of these weights read ``1 + w`` made for all of them at once (a
-    concatenation and one add, ~2 kernels instead of one per norm). Without autograd and on fla's norm only: the
-    values are made afresh on entry, so a CUDA graph captured inside reads the weights as they are at each replay."""
+def norm_weights_prepared(norms: list[torch.nn.Module]):
+    """Within the block, these zero-centred RMSNorms read ``1 + w`` made for all of them at once (a concatenation
+    and one add, ~2 kernels instead of one per norm). Without autograd and on fla's norm only: the values are made
+    afresh on entry, so a CUDA graph captured inside reads the weights as they are at each replay. Not where
+    something manages the weights per module at call time (hooks: accelerate's offload, FSDP; sharded, partitioned
+    or meta weights): read on entry they would not be the ones the norms run with."""
+    weights = [norm.weight for norm in norms]
     fla = fla_kernels(weights[0]) if weights and not torch.is_grad_enabled() else None
-    if fla is None or fla.rms_norm is None:
+    if fla is None or fla.rms_norm is None or not _preparable(norms, weights):
         yield
         return
     flat = torch.cat([weight.reshape(-1) for weight in weights])
@@ -280,6 +283,23 @@ def norm_weights_prepared(weights: list[torch.Tensor]):
         yield
     finally:
         _PREPARED.reset(token)
+
+
+def _preparable(norms, weights) -> bool:
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_pre_hooks or module_globals._global_forward_hooks:
+        return False
+    device = weights[0].device
+    for norm, weight in zip(norms, weights):
+        if norm._forward_pre_hooks or norm._forward_hooks or hasattr(norm, "_hf_hook"):
+            return False
+        # plain dense tensors only: a DTensor (FSDP2) is a subclass; ZeRO-3 leaves partitioned weights empty
+        if type(weight) not in (torch.Tensor, torch.nn.Parameter) or weight.is_meta or weight.device != device:
+            return False
+        if weight.numel() == 0:
+            return False
+    return True
 
 
 # Without autograd, from this many elements on the MLP's activation is made in place (two kernels) rather than by

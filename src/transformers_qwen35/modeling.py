@@ -610,10 +610,10 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def norm_weights(self) -> list[torch.Tensor]:
-        """The weights of the zero-centred RMSNorms of the layers and the final norm, for
-        ``kernels.norm_weights_prepared`` (found afresh each time: modules can be swapped)."""
-        return [module.weight for module in self.modules() if isinstance(module, Qwen3_5RMSNorm)]
+    def norm_modules(self) -> list[Qwen3_5RMSNorm]:
+        """The zero-centred RMSNorms of the layers and the final norm, for ``kernels.norm_weights_prepared`` (found
+        afresh each time: modules can be swapped)."""
+        return [module for module in self.modules() if isinstance(module, Qwen3_5RMSNorm)]
 
     def resolve_use_cache(self, use_cache: bool | None) -> bool:
         """Training keeps no cache unless asked; with activation checkpointing never: the recomputed forward would
@@ -710,7 +710,7 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
         checkpointed = self.training and any(layer.gradient_checkpointing for layer in self.layers)
         defer = batch * length <= DEFER_RESIDUAL_TOKENS and not output_hidden_states and not checkpointed
         pending = None
-        with kernels.norm_weights_prepared(self.norm_weights()):
+        with kernels.norm_weights_prepared(self.norm_modules() if not torch.is_grad_enabled() else []):
             for layer in self.layers:
                 hidden_states, weights = layer(
                     hidden_states,
