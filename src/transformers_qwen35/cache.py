@@ -88,17 +88,21 @@ class Qwen3_5HybridCache:
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._apply_per_row(lambda state: state[indices])
 
-    def record_linear_step(self, layer_idx, conv_state, recurrent_state, conv_input, q, k, v, g, beta) -> None:
+    def record_linear_step(
+        self, layer_idx, conv_state, recurrent_state, conv_input, q, k, v, a, b, A_log, dt_bias
+    ) -> None:
         """Called by a Gated DeltaNet layer during a speculative forward: its states before the forward and the
-        inputs of its conv ``(B, T, D)`` and recurrence (as given to ``kernels.gated_delta_rule``)."""
-        self._linear_steps[layer_idx] = (conv_state, recurrent_state, conv_input, q, k, v, g, beta)
+        inputs of its conv ``(B, T, D)`` and recurrence (as given to ``kernels.gated_delta_rule``:
+        the gates by their projections, so that the recomputation makes them as the forward did)."""
+        self._linear_steps[layer_idx] = (conv_state, recurrent_state, conv_input, q, k, v, a, b, A_log, dt_bias)
 
     def keep_speculated(self, kept: torch.Tensor) -> None:
         """After a speculative forward of ``T`` tokens, keep only the first ``kept[b]`` (1..T) of them for row ``b``.
 
         Gated DeltaNet states are recomputed from the recorded starting states: the recurrence runs again over the
-        ``T`` recorded tokens with the update of every dropped token switched off (``beta = 0`` and no decay leave
-        the state as it was), so one call serves rows that keep different counts. The conv state is the window of
+        ``T`` recorded tokens with the update of every dropped token switched off (gate projections of -inf give
+        ``beta = sigmoid(-inf) = 0`` and no decay, ``softplus(-inf) = 0``, which leave the state as it was), so one
+        call serves rows that keep different counts. The conv state is the window of
         its last ``K`` inputs ending at the last kept token. Attention keys are trimmed to the longest kept prefix.
         """
         if not self._linear_steps:
@@ -150,14 +154,13 @@ class Qwen3_5HybridCache:
 
 def _states_after(step: tuple, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One Gated DeltaNet layer's (conv state, recurrent state) after the first ``kept[b]`` recorded tokens."""
-    conv_state, recurrent_state, conv_input, q, k, v, g, beta = step
+    conv_state, recurrent_state, conv_input, q, k, v, a, b, A_log, dt_bias = step
     length = int(kept.max())  # no row needs the tokens after the longest kept prefix
-    q, k, v, g, beta = (x[:, :length] for x in (q, k, v, g, beta))
-    keep = torch.arange(length, device=kept.device)[None, :] < kept[:, None]  # (B, T)
-    keep = keep.to(g.device)[..., None]
-    _, recurrent = kernels.gated_delta_rule(
-        q, k, v, g * keep, beta * keep.to(beta.dtype), recurrent_state, output_final_state=True
-    )
+    q, k, v, a, b = (x[:, :length] for x in (q, k, v, a, b))
+    dropped = torch.arange(length, device=kept.device)[None, :] >= kept[:, None]  # (B, T)
+    dropped = dropped.to(a.device)[..., None]
+    a, b = a.masked_fill(dropped, -torch.inf), b.masked_fill(dropped, -torch.inf)
+    _, recurrent = kernels.gated_delta_rule(q, k, v, a, b, A_log, dt_bias, recurrent_state, output_final_state=True)
     width = conv_state.shape[-1]
     window = torch.cat([conv_state, conv_input.transpose(1, 2).to(conv_state.dtype)], dim=-1)  # (B, D, K + T)
     columns = kept.to(window.device)[:, None] + torch.arange(width, device=window.device)[None, :]  # (B, K)

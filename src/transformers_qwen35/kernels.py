@@ -145,35 +145,22 @@ def decay_and_beta(a, b, A_log, dt_bias):
     return -A_log.float().exp() * F.softplus(a.float() + dt_bias), b.sigmoid()
 
 
-def gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """Shapes: q, k ``(B, T, H_k, d_k)``; v ``(B, T, H_v, d_v)``; g (fp32 log-decay), beta ``(B, T, H_v)``;
-    states ``(B or N, H_v, d_k, d_v)`` fp32. Returns ``(o, final_state | None)``."""
-    return _gated_delta_rule(q, k, v, dict(g=g, beta=beta), initial_state, output_final_state, cu_seqlens)
-
-
-def gated_delta_rule_from_projections(
-    q, k, v, a, b, A_log, dt_bias, initial_state=None, output_final_state=False, cu_seqlens=None
-):
-    """``gated_delta_rule`` with the gates given by their projections (``decay_and_beta``'s arguments). fla makes
-    them inside its kernels (the decay fused with its chunk-wise cumulative sum, or in the recurrent step), which
-    saves ~7 small kernels per layer and step: a decoding step is mostly such launches."""
-    fused = dict(g=a, beta=b, use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
-    return _gated_delta_rule(q, k, v, fused, initial_state, output_final_state, cu_seqlens)
-
-
-def _gated_delta_rule(q, k, v, gates, initial_state, output_final_state, cu_seqlens):
+def gated_delta_rule(q, k, v, a, b, A_log, dt_bias, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """The Gated DeltaNet recurrence. Shapes: q, k ``(B, T, H_k, d_k)``; v ``(B, T, H_v, d_v)``; the gates by their
+    projections ``a``, ``b`` ``(B, T, H_v)`` with ``A_log``, ``dt_bias`` ``(H_v)`` (``decay_and_beta``); states
+    ``(B or N, H_v, d_k, d_v)`` fp32. Returns ``(o, final_state | None)``. fla makes the gates inside its kernels
+    (the decay fused with its chunk-wise cumulative sum, or in the recurrent step), which saves ~7 small kernels per
+    layer and step: a decoding step is mostly such launches."""
     fla = fla_kernels(v)
     # A few tokens without autograd (decoding, speculative verification): stepping beats padding to a 64-token chunk.
     few = cu_seqlens is None and q.shape[1] <= FEW_TOKENS and not torch.is_grad_enabled()
     if fla is None:
-        if gates.get("use_gate_in_kernel"):
-            g, beta = decay_and_beta(gates["g"], gates["beta"], gates["A_log"], gates["dt_bias"])
-        else:
-            g, beta = gates["g"], gates["beta"]
+        g, beta = decay_and_beta(a, b, A_log, dt_bias)
         if few:
             return torch_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state)
         return torch_chunk_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state, cu_seqlens)
     common = dict(initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)
+    gates = dict(g=a, beta=b, use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
     if few:
         # The fused recurrent kernel has no backward: inference only.
         return fla.fused_recurrent(q, k, v, **gates, **common)

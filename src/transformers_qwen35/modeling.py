@@ -284,19 +284,15 @@ class Qwen3_5GatedDeltaNet(nn.Module):
         key = key.reshape(rows, tokens, self.num_k_heads, self.head_k_dim)
         value = value.reshape(rows, tokens, self.num_v_heads, self.head_v_dim)
 
+        output, new_recurrent_state = kernels.gated_delta_rule(
+            query, key, value, a, b, self.A_log, self.dt_bias, recurrent_state, cache is not None, cu_seqlens
+        )
         if cache is not None and cache.speculating:
             # Speculative verification: keep what it takes to stop the states after any prefix of these tokens.
-            g, beta = kernels.decay_and_beta(a, b, self.A_log, self.dt_bias)
-            output, new_recurrent_state = kernels.gated_delta_rule(
-                query, key, value, g, beta, recurrent_state, output_final_state=True
-            )
             cache.record_linear_step(
-                self.layer_idx, conv_state, recurrent_state, conv_input, query, key, value, g, beta
-            )
-        else:
-            output, new_recurrent_state = kernels.gated_delta_rule_from_projections(
-                query, key, value, a, b, self.A_log, self.dt_bias, recurrent_state, cache is not None, cu_seqlens
-            )
+                self.layer_idx, conv_state, recurrent_state, conv_input, query, key, value, a, b, self.A_log,
+                self.dt_bias,
+            )  # fmt: skip
         if cache is not None:
             cache.conv_states[self.layer_idx] = new_conv_state
             cache.recurrent_states[self.layer_idx] = new_recurrent_state
