@@ -96,8 +96,9 @@ class Qwen3_5HybridCache:
         the gates by their projections, so that the recomputation makes them as the forward did)."""
         self._linear_steps[layer_idx] = (conv_state, recurrent_state, conv_input, q, k, v, a, b, A_log, dt_bias)
 
-    def keep_speculated(self, kept: torch.Tensor) -> None:
-        """After a speculative forward of ``T`` tokens, keep only the first ``kept[b]`` (1..T) of them for row ``b``.
+    def keep_speculated(self, kept: torch.Tensor, longest: int | None = None) -> None:
+        """After a speculative forward of ``T`` tokens, keep only the first ``kept[b]`` (1..T) of them for row ``b``;
+        ``longest``, ``kept``'s maximum, if the caller has read it from the device already.
 
         Gated DeltaNet states are recomputed from the recorded starting states: the recurrence runs again over the
         ``T`` recorded tokens with the update of every dropped token switched off (gate projections of -inf give
@@ -109,16 +110,19 @@ class Qwen3_5HybridCache:
             raise RuntimeError("keep_speculated() needs a forward run with cache.speculating = True first.")
         length = next(iter(self._linear_steps.values()))[2].shape[1]
         kept = kept.to(torch.long)
-        if not bool((kept == length).all()):
+        longest = int(kept.max()) if longest is None else longest
+        # All rows keeping the whole block (longest == length and, as each keeps at most that, every row does when
+        # the least does): the forward's states stand.
+        if not (longest == length and bool((kept == length).all())):
             for layer_idx, step in self._linear_steps.items():
-                self.conv_states[layer_idx], self.recurrent_states[layer_idx] = _states_after(step, kept)
+                self.conv_states[layer_idx], self.recurrent_states[layer_idx] = _states_after(step, kept, longest)
         self._linear_steps.clear()
-        self._keep_attention(kept, length)
+        self._keep_attention(kept, length, longest)
 
-    def _keep_attention(self, kept: torch.Tensor, length: int) -> None:
+    def _keep_attention(self, kept: torch.Tensor, length: int, longest: int) -> None:
         """The attention side of ``keep_speculated``: the block's ``length`` keys were appended; keep the longest
         kept prefix (the caller masks each row's shorter one)."""
-        drop = length - int(kept.max())
+        drop = length - longest
         if drop:
             self._truncate_attention(self.seen_tokens - drop)
 
@@ -152,10 +156,10 @@ class Qwen3_5HybridCache:
             )
 
 
-def _states_after(step: tuple, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Gated DeltaNet layer's (conv state, recurrent state) after the first ``kept[b]`` recorded tokens."""
+def _states_after(step: tuple, kept: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Gated DeltaNet layer's (conv state, recurrent state) after the first ``kept[b]`` recorded tokens;
+    ``length`` is the longest kept prefix (no row needs the tokens after it)."""
     conv_state, recurrent_state, conv_input, q, k, v, a, b, A_log, dt_bias = step
-    length = int(kept.max())  # no row needs the tokens after the longest kept prefix
     q, k, v, a, b = (x[:, :length] for x in (q, k, v, a, b))
     dropped = torch.arange(length, device=kept.device)[None, :] >= kept[:, None]  # (B, T)
     dropped = dropped.to(a.device)[..., None]

@@ -310,22 +310,25 @@ class _Run:
         kept = accepted + 1  # tokens of the block the main model's state keeps: last, d_1..d_accepted
         new_tokens = torch.cat([drafts, bonus[:, None]], 1).scatter(1, accepted[:, None], bonus[:, None])
         self.stats.rounds += 1
+        longest = 1
         if k:
+            # The round's counts in one transfer from the device (each separate read would wait for it again).
             live = self.unfinished
-            self.stats.drafted += int(live.sum()) * k
-            self.stats.accepted += int(accepted[live].sum())
-            self.stats.emitted += int(kept[live].sum())
-            self.schedule.update(float(accepted[live].float().mean()) if bool(live.any()) else 0.0)
+            counts = torch.stack([live.sum(), (accepted * live).sum(), (kept * live).sum(), kept.max()])
+            rows, accepted_total, emitted, longest = counts.tolist()
+            self.stats.drafted += rows * k
+            self.stats.accepted += accepted_total
+            self.stats.emitted += emitted
+            self.schedule.update(accepted_total / rows if rows else 0.0)
         self._commit(new_tokens, kept)
 
         # States after each row's kept tokens; dropped positions become holes in the attention caches.
         self.position = self.position + kept
         self.last = bonus
         if k:
-            self.cache.keep_speculated(kept)
+            self.cache.keep_speculated(kept, longest)
         elif self.static:
             self.cache.advance(1)
-        longest = int(kept.max()) if k else 1
         if not self.static:
             self.key_valid = torch.cat([self.key_valid, steps[None, :longest] < kept[:, None]], 1)
         if not self.K:

@@ -151,12 +151,11 @@ class StaticHybridCache(Qwen3_5HybridCache):
         self.slot += length
         self.seen_tokens += length
 
-    def _keep_attention(self, kept: torch.Tensor, length: int) -> None:
+    def _keep_attention(self, kept: torch.Tensor, length: int, longest: int) -> None:
         """Slots instead of a growing tensor: the block's dropped slots become holes (invalid keys) and the next
         block writes after the longest kept prefix."""
         steps = torch.arange(length, device=self.slot.device)
         self.key_valid.index_copy_(1, self.slot + steps, steps[None, :] < kept[:, None].to(self.slot.device))
-        longest = int(kept.max())
         self.slot += longest
         self.seen_tokens += longest
 
