@@ -114,8 +114,9 @@ def test_fla_backward_matches_pytorch_path(monkeypatch):
 @pytest.mark.parametrize("packed", [False, True])
 def test_fla_backward_at_the_real_head_size_where_fla_refuses_its_own(monkeypatch, packed):
     """Hopper + Triton in [3.4, 3.7.1): fla's own gated chunk backward raises (fla #640); ours replaces the refused
-    piece through fla's backend registry. The whole op (K = V = 128, grouped value heads, bf16) against our PyTorch
-    path in fp32: output, final state and every input gradient. Elsewhere fla's own kernel runs and must agree too."""
+    piece through fla's backend registry. The whole op (K = V = 128; grouped value heads when packed; bf16) against
+    our PyTorch path in fp32: output, final state and every input gradient. Elsewhere fla's own kernel runs and must
+    agree too."""
     from transformers_qwen35 import hopper_backward
     from transformers_qwen35.ops.gated_delta_rule import chunk_gated_delta_rule as torch_chunk
 
@@ -125,7 +126,9 @@ def test_fla_backward_at_the_real_head_size_where_fla_refuses_its_own(monkeypatc
     monkeypatch.setattr(hopper_backward, "chunk_bwd_dqkwg", lambda *a, **k: calls.append(1) or original(*a, **k))
     generator = torch.Generator(device=DEVICE).manual_seed(11)
     batch, length = (1, 1000) if packed else (2, 300)
-    heads, value_heads, dim = 4, 8, 128
+    # Unpacked: 0.8B's heads (16 key, 16 value), whose autotuning results benchmarks/triton-autotune.tgz carries;
+    # packed: grouped value heads, as 9B has (16 key, 32 value), at a quarter of the heads.
+    heads, value_heads, dim = (4, 8, 128) if packed else (16, 16, 128)
 
     def randn(*shape, dtype=torch.bfloat16):
         return torch.randn(*shape, generator=generator, device=DEVICE).to(dtype).requires_grad_()
