@@ -515,6 +515,8 @@ class _Run:
     def _commit(self, tokens, kept):
         """Append each generating row's first ``kept[b]`` of ``tokens`` (B, T), checking the stopping criteria after
         every token as plain decoding does. Returns how many tokens each row took."""
+        if self._fast_criteria:
+            return self._commit_at_once(tokens, kept)
         batch, length = tokens.shape
         taken = torch.zeros(batch, dtype=torch.long, device=self.device)
         stream = []
@@ -538,6 +540,37 @@ class _Run:
         if self.streamer is not None:
             for step in stream:
                 self.streamer.put(step.cpu())
+        return taken
+
+    def _commit_at_once(self, tokens, kept):
+        """``_commit`` for end-of-sequence and length stops only, for all tokens at once: row ``b`` takes its first
+        ``n[b]`` tokens, ``n`` being ``kept`` cut at the length limit and just after the row's first end-of-sequence
+        token (rows already stopped take none when finished rows are padded). One read from the device (whether all
+        rows have stopped), where the token-by-token loop waits for it several times per token."""
+        length = tokens.shape[1]
+        steps = torch.arange(length, device=self.device)
+        taken = torch.minimum(kept, (self.limit - self.count).clamp(min=0))
+        if self.pad_finished:
+            taken = torch.where(self.stopped, 0, taken)
+        if self.eos is not None:
+            ends = torch.isin(tokens, self.eos) & (steps[None, :] < taken[:, None])
+            first = torch.where(ends.any(1), ends.long().argmax(1), length)  # the first end-of-sequence taken
+            fired = (first < length) & ~self.stopped
+            taken = torch.where(ends.any(1) & self.pad_finished, torch.minimum(taken, first + 1), taken)
+            self.stop_count = torch.where(fired, self.count + first + 1, self.stop_count)
+            self.stopped = self.stopped | fired
+        slots = self.count[:, None] + steps[None, :]  # inside generated: it has room for a round's overshoot
+        writes = steps[None, :] < taken[:, None]
+        self.generated.scatter_(1, slots, torch.where(writes, tokens, self.generated.gather(1, slots)))
+        self.count = self.count + taken
+        if self.pad_finished and self.eos is not None:
+            all_stopped, longest_stop = torch.stack([self.stopped.all().long(), self.stop_count.max()]).tolist()
+            if all_stopped:
+                self.limit = min(self.limit, longest_stop)
+        self.unfinished = self._generating()
+        if self.streamer is not None:  # as the loop streams: one step per token, padding for rows that took none
+            for t in range(int(taken.max())):
+                self.streamer.put(torch.where(t < taken, tokens[:, t], self.pad_id).cpu())
         return taken
 
     def _stopped(self, rows):
