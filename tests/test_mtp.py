@@ -416,3 +416,41 @@ def test_vision_language_model_is_lossless_with_an_image_prompt(checkpoint):
     reference = generate_tokens(model, ids, mask, **settings)
     for draft_tokens in (1, 3):
         assert torch.equal(generate_tokens(model, ids, mask, mtp_draft_tokens=draft_tokens, **settings), reference)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_committing_at_once_equals_committing_token_by_token(seed):
+    """Rows stopped before, end-of-sequence tokens at any place (taken or past ``kept``), the length limit inside the
+    block: the all-at-once commit leaves the same tokens, counts, stops and limit as the token-by-token loop."""
+    from transformers_qwen35.speculative import _Run
+
+    generator = torch.Generator().manual_seed(seed)
+    batch, length, eos = 5, 4, torch.tensor([3, 7])
+
+    def run():
+        state = object.__new__(_Run)
+        state.device, state.pad_id, state.streamer = torch.device("cpu"), 0, None
+        state.pad_finished, state._fast_criteria, state.eos, state.limit = True, True, eos, 6
+        state.generated = torch.zeros(batch, state.limit + length, dtype=torch.long)
+        state.count = torch.tensor([0, 2, 4, 5, 6])
+        state.stopped = torch.tensor([False, True, False, False, False])
+        state.stop_count = torch.tensor([0, 2, 0, 0, 0])
+        return state
+
+    tokens = torch.randint(1, 9, (batch, length), generator=generator)
+    kept = torch.randint(1, length + 1, (batch,), generator=generator)
+    at_once, each = run(), run()
+    for _ in range(2):  # a second block after the first, from the states it left
+        taken_at_once, taken_each = at_once._commit_at_once(tokens, kept), each._commit_each(tokens, kept)
+        assert torch.equal(taken_at_once, taken_each)
+        for name in ("generated", "count", "stopped", "stop_count", "unfinished"):
+            assert torch.equal(getattr(at_once, name), getattr(each, name)), name
+        assert at_once.limit == each.limit
+        tokens = torch.randint(1, 9, (batch, length), generator=generator)
+    # Every row ends: the limit comes down to the longest row, as plain decoding's last stop sets it.
+    at_once, each = run(), run()
+    for state in (at_once, each):
+        state.count = torch.tensor([0, 2, 4, 1, 3])
+    tokens, kept = torch.full((batch, length), 7), torch.full((batch,), length)
+    assert torch.equal(at_once._commit_at_once(tokens, kept), each._commit_each(tokens, kept))
+    assert at_once.limit == each.limit == 5 and bool(at_once.stopped.all())

@@ -517,6 +517,10 @@ class _Run:
         every token as plain decoding does. Returns how many tokens each row took."""
         if self._fast_criteria:
             return self._commit_at_once(tokens, kept)
+        return self._commit_each(tokens, kept)
+
+    def _commit_each(self, tokens, kept):
+        """``_commit`` token by token, for any stopping criteria."""
         batch, length = tokens.shape
         taken = torch.zeros(batch, dtype=torch.long, device=self.device)
         stream = []
