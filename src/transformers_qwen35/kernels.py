@@ -250,15 +250,17 @@ def _ones(size: int, device: torch.device) -> torch.Tensor | None:
 
 
 @contextlib.contextmanager
-def norm_weights_prepared(norms: list[torch.nn.Module]):
-    """Within the block, these zero-centred RMSNorms read ``1 + w`` made for all of them at once (a concatenation
-    and one add, ~2 kernels instead of one per norm). Without autograd and on fla's norm only: the values are made
-    afresh on entry, so a CUDA graph captured inside reads the weights as they are at each replay. Not where
-    something manages the weights per module at call time (hooks: accelerate's offload, FSDP; sharded, partitioned
-    or meta weights): read on entry they would not be the ones the norms run with."""
+def norm_weights_prepared(model: torch.nn.Module, x: torch.Tensor):
+    """Within the block, ``model``'s zero-centred RMSNorms (``model.norm_modules()``) read ``1 + w`` made for all of
+    them at once (a concatenation and one add, ~2 kernels instead of one per norm). Without autograd and on fla's
+    norm only (as chosen for the activations ``x``): the values are made afresh on entry, so a CUDA graph captured
+    inside reads the weights as they are at each replay. Not where something manages the weights per module at call
+    time (hooks: accelerate's offload, FSDP; sharded, partitioned or meta weights): read on entry they would not be
+    the ones the norms run with."""
+    fla = None if torch.is_grad_enabled() else fla_kernels(x)
+    norms = model.norm_modules() if fla is not None and fla.rms_norm is not None else []
     weights = [norm.weight for norm in norms]
-    fla = fla_kernels(weights[0]) if weights and not torch.is_grad_enabled() else None
-    if fla is None or fla.rms_norm is None or not _preparable(norms, weights):
+    if not norms or not _preparable(norms, weights):
         yield
         return
     flat = torch.cat([weight.reshape(-1) for weight in weights])

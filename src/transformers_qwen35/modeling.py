@@ -706,7 +706,7 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
         checkpointed = self.training and any(layer.gradient_checkpointing for layer in self.layers)
         defer = batch * length <= DEFER_RESIDUAL_TOKENS and not output_hidden_states and not checkpointed
         pending = None
-        with kernels.norm_weights_prepared(self.norm_modules() if not torch.is_grad_enabled() else []):
+        with kernels.norm_weights_prepared(self, hidden_states):
             for layer in self.layers:
                 hidden_states, weights = layer(
                     hidden_states,

@@ -227,7 +227,7 @@ def forward_block(model, cache: StaticHybridCache, ids: torch.Tensor, positions:
     position_embeddings = text.rotary_emb(hidden, positions)
     mask = cache.block_mask(ids.shape[1])
     pending = None  # each layer's MLP output, added inside the next layer's first norm (see the decoder layer)
-    with kernels.norm_weights_prepared(text.norm_modules()):
+    with kernels.norm_weights_prepared(text, hidden):
         for layer in text.layers:
             (hidden, pending), _ = layer(
                 hidden, position_embeddings=position_embeddings, attention_mask=mask, cache=cache,
