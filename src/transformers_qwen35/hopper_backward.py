@@ -58,8 +58,9 @@ def chunk_bwd_dqkwg(
     scale = key_dim**-0.5 if scale is None else scale
     groups = value_heads // heads
 
-    q_c = layout.gather(q).repeat_interleave(groups, dim=1)  # value head j reads key head j // groups
-    k_c = layout.gather(k).repeat_interleave(groups, dim=1)
+    q_c, k_c = layout.gather(q), layout.gather(k)
+    if groups > 1:  # value head j reads key head j // groups (repeat_interleave copies even for 1)
+        q_c, k_c = q_c.repeat_interleave(groups, dim=1), k_c.repeat_interleave(groups, dim=1)
     v_c, do_c = layout.gather(v), layout.gather(do)
     gate = layout.gather(g[..., None])[..., 0]  # (chunks, HV, BT)
     state, state_grad = h.reshape(chunks, value_heads, *h.shape[-2:]), dh.reshape(chunks, value_heads, *h.shape[-2:])
