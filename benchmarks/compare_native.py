@@ -285,19 +285,24 @@ def _in_fp32(model):
 
 
 @contextlib.contextmanager
-def _kernels(mode: str):
-    """Our model's kernel choice (``TRANSFORMERS_QWEN35_KERNELS``) for the block."""
-    from transformers_qwen35 import kernels
-
-    previous = os.environ.get(kernels.KERNELS_ENV)
-    os.environ[kernels.KERNELS_ENV] = mode
+def _env(name: str, value: str):
+    """The environment variable ``name`` set to ``value`` for the block (our kernel choices are read per call)."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if previous is None:
-            os.environ.pop(kernels.KERNELS_ENV, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[kernels.KERNELS_ENV] = previous
+            os.environ[name] = previous
+
+
+def _kernels(mode: str):
+    """Our model's kernel choice (``TRANSFORMERS_QWEN35_KERNELS``) for the block."""
+    from transformers_qwen35 import kernels
+
+    return _env(kernels.KERNELS_ENV, mode)
 
 
 # --- timing and memory ----------------------------------------------------------------------------------------------
@@ -498,7 +503,10 @@ def cache_label(implementation: str) -> str:
     return f"{OURS} {implementation}"
 
 
-OTHER_LABELS = tuple(cache_label(implementation) for implementation in OTHER_CACHE.values())
+# Training on CUDA also runs ours with its norms and SwiGLU on PyTorch ops (TRANSFORMERS_QWEN35_FLA_SMALL_OPS=0): a
+# step that waits on the host may be faster with fewer, heavier fla calls.
+TORCH_SMALL_OPS = f"{OURS} torch-small-ops"
+OTHER_LABELS = (*(cache_label(implementation) for implementation in OTHER_CACHE.values()), TORCH_SMALL_OPS)
 
 
 def mtp_label(draft_tokens: int, oracle: bool = False) -> str:
@@ -643,6 +651,16 @@ def bench_train(models, shape, vocab, device, args) -> list[Result]:
         return run
 
     runs = {label: runner(label, model, ids) for label, model in models.items()}
+    if device.type == "cuda":
+        from transformers_qwen35 import kernels
+
+        step = runner(TORCH_SMALL_OPS, models[OURS], ids)
+
+        def small_ops_on_torch():
+            with _env(kernels.SMALL_OPS_ENV, "0"):
+                step()
+
+        runs[TORCH_SMALL_OPS] = small_ops_on_torch
     repeats = args.train_repeats, args.train_warmup
     measured = interleaved(runs, *repeats, device)
     notes = {}

@@ -276,3 +276,21 @@ def test_fused_residual_norm_under_autocast_keeps_the_sums_dtype(monkeypatch):
     # bf16 rounding apart (the fake makes gates and SwiGLU in fp32, as fla does): 2.6e-2; a wrong sum is O(1)
     assert relative_error(hidden["fla"], hidden["torch"]) < 0.1
     kernels._load_fla.cache_clear()
+
+
+def test_small_ops_can_stay_on_pytorch_while_the_recurrence_runs_on_fla(monkeypatch):
+    """TRANSFORMERS_QWEN35_FLA_SMALL_OPS=0: norms and SwiGLU on PyTorch ops, the Gated DeltaNet layers on fla."""
+    calls = install_exact_fake_fla(monkeypatch)
+    ours, _ = build_pair(seed=13, rms_norm_eps=1e-6)
+    ids = torch.randint(1, 99, (1, 10))
+    monkeypatch.setenv(kernels.KERNELS_ENV, "fla")
+    monkeypatch.setenv(kernels.SMALL_OPS_ENV, "0")
+    with torch.no_grad():
+        small_on_torch = ours(ids).logits
+    kinds = {call[0] for call in calls}
+    assert "chunk" in kinds and not kinds & {"rms_norm", "add_rms_norm", "swiglu"}
+    monkeypatch.setenv(kernels.SMALL_OPS_ENV, "1")
+    with torch.no_grad():
+        assert relative_error(ours(ids).logits, small_on_torch) < 1e-5
+    assert {"rms_norm", "swiglu"} <= {call[0] for call in calls}
+    kernels._load_fla.cache_clear()

@@ -32,6 +32,10 @@ logger = logging.get_logger(__name__)
 
 KERNELS_ENV = "TRANSFORMERS_QWEN35_KERNELS"
 MODES = ("auto", "torch", "fla")
+# "0": the RMSNorms and the MLP's SwiGLU run on PyTorch ops even where the Gated DeltaNet layers run on fla. Each fla
+# call costs more host time than a few ATen ops: where a step waits on the host (training) that may be the faster
+# choice; benchmarks/compare_native.py measures both.
+SMALL_OPS_ENV = "TRANSFORMERS_QWEN35_FLA_SMALL_OPS"
 _logged: set[str] = set()
 FEW_TOKENS = 8
 
@@ -199,8 +203,15 @@ def add_rms_norm(x, residual, weight, eps):
     return _rms_norm(x, residual, weight, eps)
 
 
+def _small_ops(x) -> SimpleNamespace | None:
+    """fla's kernels for the small ops (norms, SwiGLU) of a layer whose activations are ``x``, or None."""
+    if os.environ.get(SMALL_OPS_ENV, "1").strip() == "0":
+        return None
+    return fla_kernels(x)
+
+
 def _rms_norm(x, residual, weight, eps):
-    fla = fla_kernels(x)
+    fla = _small_ops(x)
     if fla is not None and fla.rms_norm is not None:
         try:
             # fla multiplies by the weight it is given, in fp32: hand it 1 + w in fp32 (gradients flow back to w).
@@ -257,7 +268,7 @@ def norm_weights_prepared(model: torch.nn.Module, x: torch.Tensor):
     inside reads the weights as they are at each replay. Not where something manages the weights per module at call
     time (hooks: accelerate's offload, FSDP; sharded, partitioned or meta weights): read on entry they would not be
     the ones the norms run with."""
-    fla = None if torch.is_grad_enabled() else fla_kernels(x)
+    fla = None if torch.is_grad_enabled() else _small_ops(x)
     norms = model.norm_modules() if fla is not None and fla.rms_norm is not None else []
     weights = [norm.weight for norm in norms]
     if not norms or not _preparable(norms, weights):
@@ -299,7 +310,7 @@ IN_PLACE_SWIGLU_ELEMENTS = 2**20
 def swiglu(gate, up):
     """``silu(gate) * up``: fla's kernel (in fp32, rounded once) for training and decoding, else in place on
     ``gate`` (a fresh projection output: autograd keeps what it needs)."""
-    fla = fla_kernels(gate)
+    fla = _small_ops(gate)
     small = gate.numel() < IN_PLACE_SWIGLU_ELEMENTS
     if fla is not None and fla.swiglu is not None and (small or torch.is_grad_enabled()):
         return fla.swiglu(gate, up)

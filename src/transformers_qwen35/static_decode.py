@@ -178,9 +178,9 @@ def adapter_layers(model) -> list:
 def graph_key(model) -> tuple:
     """What a captured graph depends on beyond its buffers' shapes. It replays the kernels, weight addresses and Python
     branches of the forward it recorded: new parameter storage (a moved or reloaded model, added adapters), train/eval
-    mode, the kernel choice, and PEFT adapter state (enabled, active, merged, scaling; switched without touching the
+    mode, the kernel choice (small ops included), and PEFT adapter state (enabled, active, merged, scaling; switched without touching the
     weights' memory) each need a new capture. In-place weight updates need none: the graph reads the memory."""
-    from .kernels import kernel_mode
+    from .kernels import SMALL_OPS_ENV, kernel_mode
 
     adapters = tuple(
         (
@@ -192,7 +192,7 @@ def graph_key(model) -> tuple:
         for layer in adapter_layers(model)
     )
     weights = tuple(parameter.data_ptr() for parameter in model.parameters())
-    return weights, model.training, kernel_mode(), adapters
+    return weights, model.training, kernel_mode(), os.environ.get(SMALL_OPS_ENV, "1"), adapters
 
 
 def static_cache_for(model, prefill: Qwen3_5HybridCache, key_valid: torch.Tensor, needed: int, config):
