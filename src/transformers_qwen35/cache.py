@@ -103,16 +103,16 @@ class Qwen3_5HybridCache:
         Gated DeltaNet states are recomputed from the recorded starting states: the recurrence runs again over the
         ``T`` recorded tokens with the update of every dropped token switched off (gate projections of -inf give
         ``beta = sigmoid(-inf) = 0`` and no decay, ``softplus(-inf) = 0``, which leave the state as it was), so one
-        call serves rows that keep different counts. The conv state is the window of
-        its last ``K`` inputs ending at the last kept token. Attention keys are trimmed to the longest kept prefix.
+        call serves rows that keep different counts. The conv state is the window of its last ``K`` inputs ending at
+        the last kept token. Attention keys are trimmed to the longest kept prefix.
         """
         if not self._linear_steps:
             raise RuntimeError("keep_speculated() needs a forward run with cache.speculating = True first.")
         length = next(iter(self._linear_steps.values()))[2].shape[1]
         kept = kept.to(torch.long)
         longest = int(kept.max()) if longest is None else longest
-        # All rows keeping the whole block (longest == length and, as each keeps at most that, every row does when
-        # the least does): the forward's states stand.
+        # Every row keeping the whole block (possible only when the longest kept prefix is the whole block): the
+        # forward's states stand.
         if not (longest == length and bool((kept == length).all())):
             for layer_idx, step in self._linear_steps.items():
                 self.conv_states[layer_idx], self.recurrent_states[layer_idx] = _states_after(step, kept, longest)

@@ -561,12 +561,12 @@ class _Run:
             first = torch.where(ends.any(1), ends.long().argmax(1), length)  # the first end-of-sequence taken
             fired = (first < length) & ~self.stopped
             taken = torch.where(ends.any(1) & self.pad_finished, torch.minimum(taken, first + 1), taken)
-            self.stop_count = torch.where(fired, self.count + first + 1, self.stop_count)
-            self.stopped = self.stopped | fired
+            self.stop_count.copy_(torch.where(fired, self.count + first + 1, self.stop_count))
+            self.stopped |= fired
         slots = self.count[:, None] + steps[None, :]  # inside generated: it has room for a round's overshoot
         writes = steps[None, :] < taken[:, None]
         self.generated.scatter_(1, slots, torch.where(writes, tokens, self.generated.gather(1, slots)))
-        self.count = self.count + taken
+        self.count += taken
         if self.pad_finished and self.eos is not None:
             all_stopped, longest_stop = torch.stack([self.stopped.all().long(), self.stop_count.max()]).tolist()
             if all_stopped:
