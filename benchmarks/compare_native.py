@@ -506,6 +506,10 @@ def cache_label(implementation: str) -> str:
 # Training on CUDA also runs ours with its norms and SwiGLU on PyTorch ops (TRANSFORMERS_QWEN35_FLA_SMALL_OPS=0): a
 # step that waits on the host may be faster with fewer, heavier fla calls.
 TORCH_SMALL_OPS = f"{OURS} torch-small-ops"
+# --decode-sampling: both models also decode with the official checkpoints' generation config (sampling through
+# transformers' temperature, top-k and top-p warpers: a sort of the whole vocabulary per step), ratio between those.
+SAMPLING = dict(do_sample=True, temperature=1.0, top_k=20, top_p=0.95)
+SAMPLING_LABELS = {OURS: f"{OURS} sampling", BUILTIN: f"{BUILTIN} sampling"}
 OTHER_LABELS = (*(cache_label(implementation) for implementation in OTHER_CACHE.values()), TORCH_SMALL_OPS)
 
 
@@ -522,6 +526,9 @@ def bench_decode(models, batches, prompt, new, vocab, device, args) -> tuple[lis
     if args.static:
         other = OTHER_CACHE[device.type]
         variants[cache_label(other)] = (models[OURS], dict(cache_implementation=other))
+    if args.decode_sampling:
+        for label, model in models.items():
+            variants[SAMPLING_LABELS[label]] = (model, SAMPLING)
     for draft_tokens in args.mtp:
         # MTP rows verify drafts on the static cache where asked (the default on a GPU).
         mtp = (
@@ -541,18 +548,14 @@ def bench_decode(models, batches, prompt, new, vocab, device, args) -> tuple[lis
             extra = dict(extra)
             oracle = extra.pop("oracle", False)
 
+            settings = dict(do_sample=False, num_beams=1, pad_token_id=0)
+            settings.update(extra)
+
             def run():
                 drafts = oracle_drafts(generated[OURS], prompt) if oracle else contextlib.nullcontext()
                 with torch.no_grad(), drafts:
                     tokens = model.generate(
-                        input_ids=ids,
-                        attention_mask=mask,
-                        max_new_tokens=count,
-                        min_new_tokens=count,
-                        do_sample=False,
-                        num_beams=1,
-                        pad_token_id=0,
-                        **extra,
+                        input_ids=ids, attention_mask=mask, max_new_tokens=count, min_new_tokens=count, **settings
                     )
                 if count == new:
                     generated[label] = tokens
@@ -782,6 +785,9 @@ def ratios(results: list[Result]) -> tuple[dict, dict]:
                 speed[f"{key}_mtp{suffix}"] = round(result.tokens_per_s / builtin.tokens_per_s, 3)
             if label in OTHER_LABELS and builtin and result.tokens_per_s and builtin.tokens_per_s:
                 speed[f"{key}_{label.split()[-1]}"] = round(result.tokens_per_s / builtin.tokens_per_s, 3)
+        sampled, builtin_sampled = pair.get(SAMPLING_LABELS[OURS]), pair.get(SAMPLING_LABELS[BUILTIN])
+        if sampled and builtin_sampled and sampled.tokens_per_s and builtin_sampled.tokens_per_s:
+            speed[f"{key}_sampling"] = round(sampled.tokens_per_s / builtin_sampled.tokens_per_s, 3)
         ours, builtin = pair.get(OURS), pair.get(BUILTIN)
         if ours and builtin and ours.tokens_per_s and builtin.tokens_per_s:
             speed[key] = round(ours.tokens_per_s / builtin.tokens_per_s, 3)
@@ -803,7 +809,7 @@ def print_table(results: list[Result], speed: dict, memory: dict, memory_label: 
         if result.model.startswith(f"{OURS} mtp"):
             mtp_key = f"{result.key}_mtp{result.model.split('K=')[1].replace(' ', '_')}"
             ratio = _num(speed.get(mtp_key), 2) + "×" if speed.get(mtp_key) else ""
-        if result.model in OTHER_LABELS:
+        if result.model in OTHER_LABELS or result.model == SAMPLING_LABELS[OURS]:
             other_key = f"{result.key}_{result.model.split()[-1]}"
             ratio = _num(speed.get(other_key), 2) + "×" if speed.get(other_key) else ""
         mem_ratio = _num(memory.get(result.key), 2) + "×" if is_ours and memory.get(result.key) else ""
@@ -858,6 +864,11 @@ def parse_args(argv=None):
         "--mtp-oracle",
         action="store_true",
         help="also decode with always-right drafts (the ceiling at full acceptance)",
+    )
+    parser.add_argument(
+        "--decode-sampling",
+        action="store_true",
+        help="both models also decode with the official generation config (temperature 1.0, top-k 20, top-p 0.95)",
     )
     parser.add_argument(
         "--static",
