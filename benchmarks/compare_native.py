@@ -485,6 +485,8 @@ def bench_prefill(models, shapes, vocab, device, args) -> list[Result]:
             return run
 
         runs = {label: runner(model, ids) for label, model in models.items()}
+        if device.type == "cuda":
+            runs[TORCH_SMALL_OPS] = small_ops_on_torch(runner(models[OURS], ids))
         measured = interleaved(runs, args.repeats, args.warmup, device)
         for label, value in measured.items():
             out.append(_result("prefill", f"{batch}x{length}", label, batch * length, value))
@@ -503,9 +505,22 @@ def cache_label(implementation: str) -> str:
     return f"{OURS} {implementation}"
 
 
-# Training on CUDA also runs ours with its norms and SwiGLU on PyTorch ops (TRANSFORMERS_QWEN35_FLA_SMALL_OPS=0): a
-# step that waits on the host may be faster with fewer, heavier fla calls.
+# Prefill and training on CUDA also run ours with its norms and SwiGLU on PyTorch ops
+# (TRANSFORMERS_QWEN35_FLA_SMALL_OPS=0): a step that waits on the host may be faster with fewer fla calls.
 TORCH_SMALL_OPS = f"{OURS} torch-small-ops"
+
+
+def small_ops_on_torch(run):
+    """``run`` with our norms and SwiGLU on PyTorch ops."""
+    from transformers_qwen35 import kernels
+
+    def wrapped():
+        with _env(kernels.SMALL_OPS_ENV, "0"):
+            run()
+
+    return wrapped
+
+
 # --decode-sampling: both models also decode with the official checkpoints' generation config (sampling through
 # transformers' temperature, top-k and top-p warpers: a sort of the whole vocabulary per step), ratio between those.
 SAMPLING = dict(do_sample=True, temperature=1.0, top_k=20, top_p=0.95)
@@ -655,15 +670,7 @@ def bench_train(models, shape, vocab, device, args) -> list[Result]:
 
     runs = {label: runner(label, model, ids) for label, model in models.items()}
     if device.type == "cuda":
-        from transformers_qwen35 import kernels
-
-        step = runner(TORCH_SMALL_OPS, models[OURS], ids)
-
-        def small_ops_on_torch():
-            with _env(kernels.SMALL_OPS_ENV, "0"):
-                step()
-
-        runs[TORCH_SMALL_OPS] = small_ops_on_torch
+        runs[TORCH_SMALL_OPS] = small_ops_on_torch(runner(TORCH_SMALL_OPS, models[OURS], ids))
     repeats = args.train_repeats, args.train_warmup
     measured = interleaved(runs, *repeats, device)
     notes = {}
