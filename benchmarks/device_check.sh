@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-./out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-BUDGET_S="${BUDGET_S:-480}"
+BUDGET_S="${BUDGET_S:-355}"  # the issue asks for under 6 minutes: most wanted steps first, the rest cut
 BENCH_ARGS="${BENCH_ARGS:-}"
 COMPARE_WHAT="${COMPARE_WHAT:-decode,train,prefill}" # most wanted first: a run cut short keeps those
 COMPARE_MTP="${COMPARE_MTP:-}"                         # e.g. 2: MTP rows (random head and always-right drafts)
