@@ -19,9 +19,9 @@
 #                                     transformers (our pyproject asks for >= 5.23; 5.17 is what the image has)
 #
 # Every step runs under `timeout` with what is left of BUDGET_S, most wanted first. Measured on the H100
-# (2026-11-27): start ~30 s, installs + probe ~40 s, tests/gpu >= 100 s (Triton compiles fla's kernels for each new
-# shape, in each new process), the 0.8B comparison ~60 s of setup and compilation plus ~60 s for decode (~105 s with
-# the MTP rows), ~85 s for train, ~50 s for prefill (4k, 16k, 64k).
+# (2026-11-27): start ~30 s, installs + probe ~45 s; with benchmarks/triton-autotune.tgz restored, tests/gpu ~90 s on
+# four workers (without the two at the real head size) and the 0.8B comparison's setup, decode and train ~200 s
+# (without it the tests alone ran past 170 s: Triton compiles and autotunes fla's kernels per shape and process).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
