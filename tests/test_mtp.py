@@ -421,7 +421,10 @@ def test_vision_language_model_is_lossless_with_an_image_prompt(checkpoint):
 @pytest.mark.parametrize("seed", range(6))
 def test_committing_at_once_equals_committing_token_by_token(seed):
     """Rows stopped before, end-of-sequence tokens at any place (taken or past ``kept``), the length limit inside the
-    block: the all-at-once commit leaves the same tokens, counts, stops and limit as the token-by-token loop."""
+    block: the all-at-once commit leaves the same tokens, counts, stops and limit as the token-by-token loop asking
+    transformers' own EosTokenCriteria after every token."""
+    from transformers.generation import EosTokenCriteria, StoppingCriteriaList
+
     from transformers_qwen35.speculative import _Run
 
     generator = torch.Generator().manual_seed(seed)
@@ -431,6 +434,8 @@ def test_committing_at_once_equals_committing_token_by_token(seed):
         state = object.__new__(_Run)
         state.device, state.pad_id, state.streamer = torch.device("cpu"), 0, None
         state.pad_finished, state._fast_criteria, state.eos, state.limit = True, True, eos, 6
+        state.criteria = StoppingCriteriaList([EosTokenCriteria(eos)])
+        state.prompt = torch.ones(batch, 2, dtype=torch.long)
         state.generated = torch.zeros(batch, state.limit + length, dtype=torch.long)
         state.count = torch.tensor([0, 2, 4, 5, 6])
         state.stopped = torch.tensor([False, True, False, False, False])

@@ -203,11 +203,14 @@ def add_rms_norm(x, residual, weight, eps):
     return _rms_norm(x, residual, weight, eps)
 
 
+def small_ops_on_fla() -> bool:
+    """Whether the norms and SwiGLU may run on fla (``SMALL_OPS_ENV``), where the Gated DeltaNet layers do."""
+    return os.environ.get(SMALL_OPS_ENV, "1").strip() != "0"
+
+
 def _small_ops(x) -> SimpleNamespace | None:
     """fla's kernels for the small ops (norms, SwiGLU) of a layer whose activations are ``x``, or None."""
-    if os.environ.get(SMALL_OPS_ENV, "1").strip() == "0":
-        return None
-    return fla_kernels(x)
+    return fla_kernels(x) if small_ops_on_fla() else None
 
 
 def _rms_norm(x, residual, weight, eps):

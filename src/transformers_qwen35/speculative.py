@@ -578,13 +578,8 @@ class _Run:
         return taken
 
     def _stopped(self, rows):
-        """Whether the stopping criteria fire for ``rows`` right after their latest token."""
-        if self._fast_criteria:
-            last = self.generated[rows, self.count[rows] - 1]
-            stop = torch.zeros_like(last, dtype=torch.bool)
-            if self.eos is not None:
-                stop |= torch.isin(last, self.eos)
-            return stop
+        """Whether the stopping criteria fire for ``rows`` right after their latest token (the token-by-token
+        commit's check: end-of-sequence and length stops alone are committed at once, ``_commit_at_once``)."""
         fired = torch.zeros(self.count.shape[0], dtype=torch.bool, device=self.device)
         for group, ids in self._contexts(None, 0):
             fired[group] = self.criteria(ids, None).to(self.device)[group]

@@ -178,10 +178,9 @@ def adapter_layers(model) -> list:
 def graph_key(model) -> tuple:
     """What a captured graph depends on beyond its buffers' shapes. It replays the kernels, weight addresses and Python
     branches of the forward it recorded: new parameter storage (a moved or reloaded model, added adapters), train/eval
-    mode, the kernel choice (small ops included), and PEFT adapter state (enabled, active, merged, scaling; switched without touching the
-    weights' memory) each need a new capture. In-place weight updates need none: the graph reads the memory."""
-    from .kernels import SMALL_OPS_ENV, kernel_mode
-
+    mode, the kernel choice (small ops included), and PEFT adapter state (enabled, active, merged, scaling; switched
+    without touching the weights' memory) each need a new capture. In-place weight updates need none: the graph reads
+    the memory."""
     adapters = tuple(
         (
             tuple(layer.active_adapters),
@@ -192,7 +191,7 @@ def graph_key(model) -> tuple:
         for layer in adapter_layers(model)
     )
     weights = tuple(parameter.data_ptr() for parameter in model.parameters())
-    return weights, model.training, kernel_mode(), os.environ.get(SMALL_OPS_ENV, "1"), adapters
+    return weights, model.training, kernels.kernel_mode(), kernels.small_ops_on_fla(), adapters
 
 
 def static_cache_for(model, prefill: Qwen3_5HybridCache, key_valid: torch.Tensor, needed: int, config):
