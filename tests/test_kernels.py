@@ -15,6 +15,14 @@ from transformers_qwen35.ops.causal_conv import causal_conv1d
 from transformers_qwen35.ops.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
 
 
+@pytest.fixture
+def fake_fla(monkeypatch):
+    """fla replaced by a fake on our exact ops that checks fla-core 0.6's signatures (conftest); yields the list of
+    its calls, and forgets it afterwards (also when the test fails)."""
+    yield install_exact_fake_fla(monkeypatch)
+    kernels._load_fla.cache_clear()
+
+
 def _gdn_inputs(batch=2, length=75, heads=2, v_heads=4, dim=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, length, heads, dim, generator=g)
@@ -99,9 +107,9 @@ def test_importable_but_broken_fla_never_runs_on_cpu(monkeypatch):
     kernels._load_fla.cache_clear()
 
 
-def test_forced_fla_path_passes_the_documented_arguments(monkeypatch):
+def test_forced_fla_path_passes_the_documented_arguments(monkeypatch, fake_fla):
     """With the fla path forced, a fake fla built on our exact ops checks every call's layout and arguments."""
-    calls = install_exact_fake_fla(monkeypatch)
+    calls = fake_fla
     ours, _ = build_pair(seed=9, rms_norm_eps=1e-6)
     ids = torch.randint(1, 99, (1, 12))
     monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
@@ -133,7 +141,6 @@ def test_forced_fla_path_passes_the_documented_arguments(monkeypatch):
         }
     assert sum(name.endswith("A_log") for name in gradients["fla"]) == ours.config.layer_types.count("linear_attention")
     assert all(relative_error(gradients["fla"][name], grad) < 1e-5 for name, grad in gradients["torch"].items())
-    kernels._load_fla.cache_clear()
 
 
 def test_forced_fla_without_fla_says_how_to_fix(monkeypatch):
@@ -168,10 +175,9 @@ def test_training_under_bf16_autocast_on_the_pytorch_path(monkeypatch):
     assert distance["ours"] < 1.5 * distance["built-in"], distance
 
 
-def test_a_failing_fused_norm_falls_back_to_the_pytorch_norm(monkeypatch):
+def test_a_failing_fused_norm_falls_back_to_the_pytorch_norm(monkeypatch, fake_fla):
     """fla's fused RMSNorm is one kernel among several paths: should it refuse an input, the PyTorch norm gives the
     same numbers (with one warning) and fla's norm is not tried again."""
-    install_exact_fake_fla(monkeypatch)
 
     def refuses(*args, **kwargs):
         raise RuntimeError("unsupported input")
@@ -186,13 +192,11 @@ def test_a_failing_fused_norm_falls_back_to_the_pytorch_norm(monkeypatch):
     with torch.no_grad():
         assert relative_error(ours(ids).logits, reference) < 1e-5
     assert kernels._load_fla().rms_norm is None
-    kernels._load_fla.cache_clear()
 
 
-def test_norm_weights_are_prepared_together_without_autograd(monkeypatch):
+def test_norm_weights_are_prepared_together_without_autograd(monkeypatch, fake_fla):
     """On fla's norm without autograd, the 1 + w of every zero-centred RMSNorm is made once per forward (one
     concatenation, one add), and the norms read it: same logits as the PyTorch path, weights changed in place seen."""
-    install_exact_fake_fla(monkeypatch)
     ours, _ = build_pair(seed=10, rms_norm_eps=1e-6)
     text = ours.model
     sizes = []
@@ -220,12 +224,11 @@ def test_norm_weights_are_prepared_together_without_autograd(monkeypatch):
         assert relative_error(ours(ids).logits, fused) < 1e-6
     handle.remove()
     assert len(sizes) == len(norms)
-    kernels._load_fla.cache_clear()
 
 
-def test_large_swiglu_without_autograd_is_made_in_place(monkeypatch):
+def test_large_swiglu_without_autograd_is_made_in_place(monkeypatch, fake_fla):
     """fla's SwiGLU allocates its output: a large prefill makes the activation in place instead (same values)."""
-    calls = install_exact_fake_fla(monkeypatch)
+    calls = fake_fla
     monkeypatch.setenv(kernels.KERNELS_ENV, "fla")
     gate, up = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
     expected = torch.nn.functional.silu(gate) * up
@@ -235,16 +238,15 @@ def test_large_swiglu_without_autograd_is_made_in_place(monkeypatch):
         small = gate[:1, :5].clone()
         assert torch.allclose(kernels.swiglu(small, up[:1, :5]), expected[:1, :5], atol=1e-6)
     assert calls == [("swiglu", 5, False)]
-    kernels._load_fla.cache_clear()
 
 
 @pytest.mark.parametrize("kernel_mode", ["torch", "fla"])
-def test_deferred_residual_adds_give_the_same_logits(monkeypatch, kernel_mode):
+def test_deferred_residual_adds_give_the_same_logits(monkeypatch, fake_fla, kernel_mode):
     """Short inputs leave each layer's last residual add to the next layer's first norm: the same numbers as adding
     it in place (fp32), on the PyTorch path and on fla's fused norm (fake)."""
     from transformers_qwen35 import modeling
 
-    calls = install_exact_fake_fla(monkeypatch)
+    calls = fake_fla
     monkeypatch.setenv(kernels.KERNELS_ENV, kernel_mode)
     ours, _ = build_pair(seed=11, rms_norm_eps=1e-6)
     ids = torch.randint(1, 99, (2, 9))
@@ -258,13 +260,11 @@ def test_deferred_residual_adds_give_the_same_logits(monkeypatch, kernel_mode):
         layers = len(ours.model.layers)
         assert fused_adds == (0 if kernel_mode == "torch" else layers + (layers if limit else 0)), fused_adds
     assert torch.allclose(logits[0], logits[10**6], rtol=0, atol=1e-6)
-    kernels._load_fla.cache_clear()
 
 
-def test_fused_residual_norm_under_autocast_keeps_the_sums_dtype(monkeypatch):
+def test_fused_residual_norm_under_autocast_keeps_the_sums_dtype(monkeypatch, fake_fla):
     """Under autocast the residual stream stays fp32 while layer outputs are bf16: fla's fused add-and-norm then
     returns what the PyTorch path does (fp32 sum, fp32 norm), not the layer output's dtype."""
-    install_exact_fake_fla(monkeypatch)
     ours, _ = build_pair(seed=12, rms_norm_eps=1e-6)
     ids = torch.randint(1, 99, (1, 6))
     hidden = {}
@@ -275,12 +275,11 @@ def test_fused_residual_norm_under_autocast_keeps_the_sums_dtype(monkeypatch):
     assert hidden["fla"].dtype == hidden["torch"].dtype == torch.float32
     # bf16 rounding apart (the fake makes gates and SwiGLU in fp32, as fla does): 2.6e-2; a wrong sum is O(1)
     assert relative_error(hidden["fla"], hidden["torch"]) < 0.1
-    kernels._load_fla.cache_clear()
 
 
-def test_small_ops_can_stay_on_pytorch_while_the_recurrence_runs_on_fla(monkeypatch):
+def test_small_ops_can_stay_on_pytorch_while_the_recurrence_runs_on_fla(monkeypatch, fake_fla):
     """TRANSFORMERS_QWEN35_FLA_SMALL_OPS=0: norms and SwiGLU on PyTorch ops, the Gated DeltaNet layers on fla."""
-    calls = install_exact_fake_fla(monkeypatch)
+    calls = fake_fla
     ours, _ = build_pair(seed=13, rms_norm_eps=1e-6)
     ids = torch.randint(1, 99, (1, 10))
     monkeypatch.setenv(kernels.KERNELS_ENV, "fla")
@@ -293,4 +292,3 @@ def test_small_ops_can_stay_on_pytorch_while_the_recurrence_runs_on_fla(monkeypa
     with torch.no_grad():
         assert relative_error(ours(ids).logits, small_on_torch) < 1e-5
     assert {"rms_norm", "swiglu"} <= {call[0] for call in calls}
-    kernels._load_fla.cache_clear()
