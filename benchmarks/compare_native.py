@@ -521,11 +521,31 @@ def small_ops_on_torch(run):
     return wrapped
 
 
+# Training on CUDA also runs ours with its decoder's forward and backward replayed from CUDA graphs
+# (TRANSFORMERS_QWEN35_TRAINING_GRAPHS=1, opt-in): a 4k-token step of 0.8B otherwise waits on kernel launches.
+TRAINING_GRAPHS = f"{OURS} graphed"
+
+
+def with_training_graphs(run):
+    """``run`` with graphed training steps (captured on its second call, then replayed)."""
+    from transformers_qwen35 import training_graphs
+
+    def wrapped():
+        with _env(training_graphs.TRAINING_GRAPHS_ENV, "1"):
+            run()
+
+    return wrapped
+
+
 # --decode-sampling: both models also decode with the official checkpoints' generation config (sampling through
 # transformers' temperature, top-k and top-p warpers: a sort of the whole vocabulary per step), ratio between those.
 SAMPLING = dict(do_sample=True, temperature=1.0, top_k=20, top_p=0.95)
 SAMPLING_LABELS = {OURS: f"{OURS} sampling", BUILTIN: f"{BUILTIN} sampling"}
-OTHER_LABELS = (*(cache_label(implementation) for implementation in OTHER_CACHE.values()), TORCH_SMALL_OPS)
+OTHER_LABELS = (
+    *(cache_label(implementation) for implementation in OTHER_CACHE.values()),
+    TORCH_SMALL_OPS,
+    TRAINING_GRAPHS,
+)
 
 
 def mtp_label(draft_tokens: int, oracle: bool = False) -> str:
@@ -671,9 +691,12 @@ def bench_train(models, shape, vocab, device, args) -> list[Result]:
     runs = {label: runner(label, model, ids) for label, model in models.items()}
     if device.type == "cuda":
         runs[TORCH_SMALL_OPS] = small_ops_on_torch(runner(TORCH_SMALL_OPS, models[OURS], ids))
+        runs[TRAINING_GRAPHS] = with_training_graphs(runner(TRAINING_GRAPHS, models[OURS], ids))
     repeats = args.train_repeats, args.train_warmup
     measured = interleaved(runs, *repeats, device)
     notes = {}
+    if TRAINING_GRAPHS in runs:
+        notes[TRAINING_GRAPHS] = graph_memory_note(models[OURS], device)
     failed = measured.get(BUILTIN)
     if isinstance(failed, BaseException) and device.type == "cuda" and builtin_uses_fla():
         # Hopper + Triton < 3.7.1: fla refuses its backward (#640). Measure built-in on its PyTorch fallback instead.
@@ -707,6 +730,20 @@ def bench_train(models, shape, vocab, device, args) -> list[Result]:
     runs = ids = None
     _free(device)
     return out
+
+
+def graph_memory_note(model, device) -> str:
+    """What the training graphs hold between steps (activations and gradient buffers, outside the peak above, which
+    counts from what was allocated before the step), measured by releasing them."""
+    from transformers_qwen35 import training_graphs
+
+    state = training_graphs._STATES.get(model.model)
+    captures = state.captures if state is not None else 0
+    before = torch.cuda.memory_allocated(device)
+    training_graphs.release_training_graphs(model)
+    _free(device)
+    held = before - torch.cuda.memory_allocated(device)
+    return f"{captures} capture(s); the graphs held {held / 2**30:.2f} GiB between steps"
 
 
 def make_optimizer(model, name):

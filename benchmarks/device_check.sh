@@ -22,6 +22,8 @@
 # (2026-11-27): start ~30 s, installs + probe ~45 s; with benchmarks/triton-autotune.tgz restored, tests/gpu ~90 s on
 # four workers (without the two at the real head size) and the 0.8B comparison's setup, decode and train ~200 s
 # (without it the tests alone ran past 170 s: Triton compiles and autotunes fla's kernels per shape and process).
+# Later the same day, after new fused kernels: the tests' first part ran past 150 s (two unfinished), the real-head-size
+# part 130 s, the comparison's decode + train 210 s (with --decode-sampling) and prefill 16k + 64k 64 s.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -34,6 +36,8 @@ COMPARE_WHAT="${COMPARE_WHAT:-decode,train,prefill}" # most wanted first: a run 
 COMPARE_MTP="${COMPARE_MTP:-}"                         # e.g. 2: MTP rows (random head and always-right drafts)
 PROFILE_WHAT="${PROFILE_WHAT:-decode,train}"           # profile_steps.py phases; empty: skip
 STEPS="${STEPS:-tests compare profile}"                # which steps run, in this order (also: compare9b)
+TESTS_S="${TESTS_S:-150}"                              # cap of each part of the tests step
+REAL_HEAD_TESTS="${REAL_HEAD_TESTS:-1}"                # 0: skip the tests at fla's real head size (~130 s)
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 STARTED=$SECONDS
 
@@ -173,11 +177,16 @@ run_tests() {
     if "$PY" -c "import xdist" 2>/dev/null; then options+=(-n 4); fi
     if "$PY" -c "import pytest_timeout" 2>/dev/null; then options+=(--timeout=120); fi
     log "running pytest tests/gpu"
-    PYTHONPATH="$PWD/benchmarks:$PYTHONPATH" timeout "$(allow 150)" "$PY" -m pytest "${options[@]}" \
+    PYTHONPATH="$PWD/benchmarks:$PYTHONPATH" timeout "$(allow "$TESTS_S")" "$PY" -m pytest "${options[@]}" \
         -k "not real_head_size" tests/gpu >"$OUT/pytest.txt" 2>&1 || rc=$?
     log "pytest rc $rc"
+    if [[ $REAL_HEAD_TESTS == 0 ]]; then
+        grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed|skipped" "$OUT/pytest.txt" | tail -n 20 || true
+        log "pytest (real head size) skipped: REAL_HEAD_TESTS=0"
+        return
+    fi
     rc=0
-    PYTHONPATH="$PWD/benchmarks:$PYTHONPATH" timeout "$(allow 150)" "$PY" -m pytest "${options[@]}" \
+    PYTHONPATH="$PWD/benchmarks:$PYTHONPATH" timeout "$(allow "$TESTS_S")" "$PY" -m pytest "${options[@]}" \
         -k "real_head_size" tests/gpu >>"$OUT/pytest.txt" 2>&1 || rc=$?
     grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed|skipped" "$OUT/pytest.txt" | tail -n 20 || true
     log "pytest (real head size) rc $rc"

@@ -31,7 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from . import kernels
+from . import kernels, training_graphs
 from .cache import Qwen3_5HybridCache
 from .checkpoint import CarriedTensors
 from .chunked_loss import causal_lm_loss
@@ -706,27 +706,35 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
         checkpointed = self.training and any(layer.gradient_checkpointing for layer in self.layers)
         defer = batch * length <= DEFER_RESIDUAL_TOKENS and not output_hidden_states and not checkpointed
         pending = None
-        with kernels.norm_weights_prepared(self, hidden_states):
-            for layer in self.layers:
-                hidden_states, weights = layer(
-                    hidden_states,
-                    position_embeddings=position_embeddings,
-                    attention_mask=attention_mask_4d,
-                    padding_mask=padding_mask,
-                    segments=segments,
-                    cache=cache if use_cache else None,
-                    position_ids=text_positions,
-                    mlp_output=pending,
-                    defer_mlp_output=defer,
-                    **kwargs,
-                )
-                if defer:
-                    hidden_states, pending = hidden_states
-                if output_hidden_states:
-                    all_hidden_states += (hidden_states,)
-                if output_attentions and layer.layer_type == FULL_ATTENTION:
-                    all_attentions += (weights,)
-            hidden_states = self.norm(pending, residual=hidden_states)[0] if defer else self.norm(hidden_states)
+        if training_graphs.can_graph(
+            self, hidden_states, cache=cache if use_cache else None, attention_mask_4d=attention_mask_4d,
+            padding_mask=padding_mask, segments=segments, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions, checkpointed=checkpointed,
+        ):  # fmt: skip
+            # The layers and final norm replayed from CUDA graphs (training_graphs.py).
+            hidden_states = training_graphs.run(self, hidden_states, *position_embeddings)
+        else:
+            with kernels.norm_weights_prepared(self, hidden_states):
+                for layer in self.layers:
+                    hidden_states, weights = layer(
+                        hidden_states,
+                        position_embeddings=position_embeddings,
+                        attention_mask=attention_mask_4d,
+                        padding_mask=padding_mask,
+                        segments=segments,
+                        cache=cache if use_cache else None,
+                        position_ids=text_positions,
+                        mlp_output=pending,
+                        defer_mlp_output=defer,
+                        **kwargs,
+                    )
+                    if defer:
+                        hidden_states, pending = hidden_states
+                    if output_hidden_states:
+                        all_hidden_states += (hidden_states,)
+                    if output_attentions and layer.layer_type == FULL_ATTENTION:
+                        all_attentions += (weights,)
+                hidden_states = self.norm(pending, residual=hidden_states)[0] if defer else self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
         if use_cache and cache is not None:
