@@ -105,6 +105,41 @@ def test_graphed_steps_train_exactly_as_eager_steps(graphs_on_cpu, monkeypatch, 
     assert changed
 
 
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_padded_batches_of_one_length_share_a_capture_and_train_exactly(
+    graphs_on_cpu, monkeypatch, attn_implementation
+):
+    graphed = tiny_model()
+    graphed.config._attn_implementation = attn_implementation
+    eager = copy.deepcopy(graphed)
+    batches = []
+    for index in range(5):  # left and right padding, different amounts: the mask's values change, not its shape
+        batch = ids(seed=index)
+        mask = torch.ones_like(batch)
+        mask[0, : 1 + index] = 0
+        mask[1, -index:] = 0 if index else 1
+        batches.append((batch.masked_fill(mask == 0, 0), mask))
+
+    def steps(model):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        for batch, mask in batches:
+            loss = model(input_ids=batch, attention_mask=mask, labels=batch.masked_fill(mask == 0, -100)).loss
+            loss.backward()
+            losses.append(loss.item())
+            optimizer.step()
+            optimizer.zero_grad()
+        return losses
+
+    graphed_losses = steps(graphed)
+    state = graph_state(graphed)
+    assert state.captures == 1 and next(iter(state.graphs.values())).replays == len(batches) - 1
+    monkeypatch.setenv(training_graphs.TRAINING_GRAPHS_ENV, "0")
+    torch.testing.assert_close(graphed_losses, steps(eager), rtol=1e-6, atol=1e-6)
+    for param, reference in zip(graphed.parameters(), eager.parameters()):
+        torch.testing.assert_close(param, reference, rtol=1e-6, atol=1e-6)
+
+
 def test_a_second_forward_before_the_backward_runs_eagerly(graphs_on_cpu):
     graphed = tiny_model()
     eager = copy.deepcopy(graphed)
@@ -206,7 +241,7 @@ def test_a_failed_capture_trains_on_eagerly(graphs_on_cpu, monkeypatch, caplog, 
 
 
 @pytest.mark.parametrize(
-    "case", ["env off", "eval", "no grad", "padding", "packed", "checkpointing", "hook", "hidden states"]
+    "case", ["env off", "eval", "no grad", "packed", "checkpointing", "hook", "hidden states", "flash"]
 )
 def test_batches_a_graph_cannot_replay_exactly_stay_eager(graphs_on_cpu, monkeypatch, case):
     def no_graphs(*args, **kwargs):
@@ -220,10 +255,14 @@ def test_batches_a_graph_cannot_replay_exactly_stay_eager(graphs_on_cpu, monkeyp
         monkeypatch.setenv(training_graphs.TRAINING_GRAPHS_ENV, "0")
     elif case == "eval":
         model.eval()
-    elif case == "padding":
-        mask = torch.ones_like(batch)
-        mask[0, :3] = 0
-        kwargs["attention_mask"] = mask
+    elif case == "flash":  # flash attention unpads on the host; only the check, as flash_attn is not installed
+        model.config._attn_implementation = "flash_attention_2"
+        hidden = model.model.embed_tokens(batch)
+        assert not training_graphs.can_graph(
+            model.model, hidden, cache=None, segments=None, output_hidden_states=False, output_attentions=False,
+            checkpointed=False,
+        )  # fmt: skip
+        return
     elif case == "packed":
         kwargs["position_ids"] = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, -1)
     elif case == "checkpointing":
@@ -235,7 +274,7 @@ def test_batches_a_graph_cannot_replay_exactly_stay_eager(graphs_on_cpu, monkeyp
     with torch.set_grad_enabled(case != "no grad"):
         model(**kwargs)
     # and the same model, without the condition, is graphed (the check above is not vacuous)
-    if case not in ("env off", "hook", "checkpointing"):
+    if case not in ("env off", "hook", "checkpointing"):  # conditions of the call, not of the model
         model.train()
         monkeypatch.undo()
         monkeypatch.setenv(training_graphs.TRAINING_GRAPHS_ENV, "1")

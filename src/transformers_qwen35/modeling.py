@@ -707,12 +707,13 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
         defer = batch * length <= DEFER_RESIDUAL_TOKENS and not output_hidden_states and not checkpointed
         pending = None
         if training_graphs.can_graph(
-            self, hidden_states, cache=cache if use_cache else None, attention_mask_4d=attention_mask_4d,
-            padding_mask=padding_mask, segments=segments, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions, checkpointed=checkpointed,
+            self, hidden_states, cache=cache if use_cache else None, segments=segments,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, checkpointed=checkpointed,
         ):  # fmt: skip
             # The layers and final norm replayed from CUDA graphs (training_graphs.py).
-            hidden_states = training_graphs.run(self, hidden_states, *position_embeddings)
+            hidden_states = training_graphs.run(
+                self, hidden_states, *position_embeddings, attention_mask_4d, padding_mask
+            )
         else:
             with kernels.norm_weights_prepared(self, hidden_states):
                 for layer in self.layers:

@@ -8,9 +8,11 @@ and the final norm run as one graph forward and one graph backward; the embeddin
 chunked loss, and the optimizer stay eager (a few dozen launches).
 
 A graph replays fixed kernels on fixed memory, so it serves only batches it can replay exactly: CUDA, training mode
-with gradients on, one shape (batch, length, hidden) and dtype, no cache, no padding mask, no packing, no activation
-checkpointing, no per-layer outputs, no module hooks, and a model as it was at capture (``static_decode.graph_key``:
-parameter storage, kernel choice, adapter state; in-place optimizer updates need no new capture). Anything else runs
+with gradients on, one shape (batch, length, hidden) and dtype, with or without a padding mask (its values are graph
+inputs, so batches padded to one length share a capture), no cache, no packing, no activation checkpointing, no
+per-layer outputs, no module hooks, SDPA or eager attention (flash attention unpads on the host), and a model as it
+was at capture (``static_decode.graph_key``: parameter storage, kernel choice, adapter state; in-place optimizer
+updates need no new capture). Anything else runs
 the ordinary eager forward, as does a forward while an earlier replay still waits for its backward (a second replay
 would overwrite the activations that backward needs).
 
@@ -66,14 +68,16 @@ def has_module_hooks(modules) -> bool:
     )
 
 
-def can_graph(text_model, hidden: torch.Tensor, *, cache, attention_mask_4d, padding_mask, segments,
-              output_hidden_states, output_attentions, checkpointed) -> bool:  # fmt: skip
+def can_graph(text_model, hidden: torch.Tensor, *, cache, segments, output_hidden_states, output_attentions,
+              checkpointed) -> bool:  # fmt: skip
     """Whether this forward of ``text_model`` (a ``Qwen3_5TextModel``) is one the graphs replay exactly."""
     if not (_graphable(hidden) and text_model.training and torch.is_grad_enabled() and training_graphs_enabled()):
         return False
     if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
-    if cache is not None or attention_mask_4d is not None or padding_mask is not None or segments is not None:
+    if cache is not None or segments is not None:
+        return False
+    if "flash" in (text_model.config._attn_implementation or ""):
         return False
     if output_hidden_states or output_attentions or checkpointed:
         return False
@@ -90,10 +94,13 @@ def _graphable(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda
 
 
-def decoder_stack(text_model, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The decoder layers and final norm over ``hidden``, no cache, no mask: what a graph captures."""
+def decoder_stack(text_model, hidden, cos, sin, attention_mask=None, padding_mask=None) -> torch.Tensor:
+    """The decoder layers and final norm over ``hidden`` without a cache (``attention_mask``: the ``(B, 1, T, T)``
+    boolean mask or None; ``padding_mask``: ``(B, T)``, True at real tokens, or None): what a graph captures."""
     for layer in text_model.layers:
-        hidden, _ = layer(hidden, position_embeddings=(cos, sin))
+        hidden, _ = layer(
+            hidden, position_embeddings=(cos, sin), attention_mask=attention_mask, padding_mask=padding_mask
+        )
     return text_model.norm(hidden)
 
 
@@ -105,22 +112,22 @@ class _ModelState:
         self.disabled = False
 
 
-def run(text_model, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``decoder_stack(text_model, hidden, cos, sin)``, replayed from CUDA graphs when this shape has a capture (made
-    now if the shape was seen before), else eager. Call only where ``can_graph`` said yes."""
+def run(text_model, *inputs) -> torch.Tensor:
+    """``decoder_stack(text_model, *inputs)``, replayed from CUDA graphs when this shape has a capture (made now if
+    the shape was seen before), else eager. Call only where ``can_graph`` said yes."""
     state = _STATES.get(text_model)
     if state is None:
         state = _STATES[text_model] = _ModelState()
-    key = _shape_key(text_model, hidden, cos, sin)
+    key = _shape_key(text_model, inputs)
     graphed = state.graphs.pop(key, None)
     if graphed is not None:
         state.graphs[key] = graphed  # most recently used last
         if graphed.busy():
-            return decoder_stack(text_model, hidden, cos, sin)
-        return graphed(hidden, cos, sin)
+            return decoder_stack(text_model, *inputs)
+        return graphed(*inputs)
     if key not in state.seen:
         state.seen.add(key)
-        return decoder_stack(text_model, hidden, cos, sin)
+        return decoder_stack(text_model, *inputs)
     while len(state.graphs) >= MAX_SHAPES:
         state.graphs.pop(next(iter(state.graphs)))  # frees that capture's memory before the next is made
     if state.captures >= MAX_CAPTURES:
@@ -130,19 +137,19 @@ def run(text_model, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
             f"Graphed training steps: {MAX_CAPTURES} captures for changing batch shapes; training on without graphs. "
             "Pad batches to a fixed length (or pack them) to keep the graphs."
         )
-        return decoder_stack(text_model, hidden, cos, sin)
+        return decoder_stack(text_model, *inputs)
     state.captures += 1
     try:
-        graphed = GraphedDecoderStack(text_model, hidden, cos, sin)
+        graphed = GraphedDecoderStack(text_model, *inputs)
     except Exception as error:  # a capture that fails leaves the model and its gradients untouched
         state.disabled = True
         logger.warning(
             f"Graphed training steps: capturing the decoder failed ({type(error).__name__}: {error}); training on "
             "without graphs."
         )
-        return decoder_stack(text_model, hidden, cos, sin)
+        return decoder_stack(text_model, *inputs)
     state.graphs[key] = graphed
-    return graphed(hidden, cos, sin)
+    return graphed(*inputs)
 
 
 def release_training_graphs(model) -> None:
@@ -151,11 +158,11 @@ def release_training_graphs(model) -> None:
         _STATES.pop(module, None)
 
 
-def _shape_key(text_model, hidden, cos, sin) -> tuple:
-    inputs = tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in (hidden, cos, sin))
+def _shape_key(text_model, inputs) -> tuple:
+    shapes = tuple(None if t is None else (t.shape, t.dtype, t.device, t.requires_grad) for t in inputs)
     autocast = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
     grads = tuple(p.requires_grad for p in stack_parameters(text_model))
-    return inputs, autocast, grads, static_decode.graph_key(text_model)
+    return shapes, autocast, grads, static_decode.graph_key(text_model)
 
 
 def stack_parameters(text_model) -> list[torch.nn.Parameter]:
@@ -173,13 +180,15 @@ class _Pending:
 class GraphedDecoderStack:
     """``decoder_stack`` for one input shape: a forward graph and a backward graph sharing one memory pool."""
 
-    def __init__(self, text_model, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def __init__(self, text_model, hidden: torch.Tensor, *constants):
+        """``constants``: the other inputs of ``decoder_stack`` (rotary tables, masks or None), which take no
+        gradient."""
         device = hidden.device
         self.text_model = text_model
         self.params = tuple(p for p in stack_parameters(text_model) if p.requires_grad)
         self.replays = 0
         self.hidden = hidden.detach().clone().requires_grad_(hidden.requires_grad)
-        self.cos, self.sin = cos.detach().clone(), sin.detach().clone()
+        self.constants = tuple(None if t is None else t.detach().clone() for t in constants)
         inputs = ((self.hidden,) if hidden.requires_grad else ()) + self.params
         autocast = torch.is_autocast_enabled("cuda")
         autocast_dtype = torch.get_autocast_dtype("cuda")
@@ -187,7 +196,7 @@ class GraphedDecoderStack:
         def forward():
             # Autocast's cache of cast weights would be captured as constants: off inside graphs.
             with torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast, cache_enabled=False):
-                return decoder_stack(text_model, self.hidden, self.cos, self.sin)
+                return decoder_stack(text_model, self.hidden, *self.constants)
 
         # Warm-up steps run for real (Triton compiles and autotunes) on a side stream; torch.autograd.grad leaves
         # every param.grad as it was.
@@ -216,8 +225,8 @@ class GraphedDecoderStack:
         pending = self._pending()
         return pending is not None and not pending.backward_done
 
-    def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return _Replay.apply(self, hidden, cos, sin, *self.params)
+    def __call__(self, hidden: torch.Tensor, *constants) -> torch.Tensor:
+        return _Replay.apply(self, hidden, constants, *self.params)
 
 
 def _on_side_stream(device: torch.device, function) -> None:
@@ -241,10 +250,11 @@ def _capture(function, pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
 
 class _Replay(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, graphed: GraphedDecoderStack, hidden, cos, sin, *params):
+    def forward(ctx, graphed: GraphedDecoderStack, hidden, constants, *params):
         graphed.hidden.detach().copy_(hidden)
-        graphed.cos.copy_(cos)
-        graphed.sin.copy_(sin)
+        for static, value in zip(graphed.constants, constants):
+            if static is not None:
+                static.copy_(value)
         graphed.forward_graph.replay()
         graphed.replays += 1
         ctx.graphed, ctx.replay, ctx.pending = graphed, graphed.replays, _Pending()
@@ -267,4 +277,4 @@ class _Replay(torch.autograd.Function):
         graphed.backward_graph.replay()
         hidden_grad = graphed.hidden_grad.clone() if graphed.hidden_grad is not None else None
         # The parameter gradients as the capture's buffers themselves: autograd copies them (see the module's notes).
-        return (None, hidden_grad, None, None, *graphed.param_grads)
+        return (None, hidden_grad, None, *graphed.param_grads)

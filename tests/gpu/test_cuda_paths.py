@@ -277,10 +277,11 @@ def test_a_graph_replay_equals_the_eager_block(official_tiny):
             position = position + 1
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graphed_training_steps_equal_eager_steps_on_fla(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype, padded", [(torch.float32, False), (torch.bfloat16, True)])
+def test_graphed_training_steps_equal_eager_steps_on_fla(monkeypatch, dtype, padded):
     """training_graphs.py with real CUDA graphs: per-step losses and gradients (two micro-batches accumulated per
-    step) of the graphed model equal those of an eager copy; the graphs were captured once and replayed."""
+    step; padded: every batch left-padded by a different amount) of the graphed model equal those of an eager copy;
+    the graphs were captured once and replayed."""
     import copy
 
     from transformers_qwen35 import training_graphs
@@ -296,7 +297,10 @@ def test_graphed_training_steps_equal_eager_steps_on_fla(monkeypatch, dtype):
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
         losses, grads = [], []
         for index, batch in enumerate(batches):
-            loss = model(batch, labels=batch).loss
+            mask = torch.ones_like(batch)
+            if padded:
+                mask[0, : 3 + index] = 0
+            loss = model(batch, attention_mask=mask, labels=batch.masked_fill(mask == 0, -100)).loss
             (loss / 2).backward()
             losses.append(loss.detach().float().reshape(1))
             if index % 2:
