@@ -34,7 +34,7 @@ BUDGET_S="${BUDGET_S:-355}"  # the issue asks for under 6 minutes: most wanted s
 BENCH_ARGS="${BENCH_ARGS:-}"
 COMPARE_WHAT="${COMPARE_WHAT:-decode,train,prefill}" # most wanted first: a run cut short keeps those
 COMPARE_MTP="${COMPARE_MTP:-}"                         # e.g. 2: MTP rows (random head and always-right drafts)
-PROFILE_WHAT="${PROFILE_WHAT:-decode,train}"           # profile_steps.py phases; empty: skip
+PROFILE_WHAT="${PROFILE_WHAT:-train,train-graphed,decode}" # profile_steps.py phases; empty: skip
 STEPS="${STEPS:-tests compare profile}"                # which steps run, in this order (also: compare9b)
 TESTS_S="${TESTS_S:-150}"                              # cap of each part of the tests step
 REAL_HEAD_TESTS="${REAL_HEAD_TESTS:-1}"                # 0: skip the tests at fla's real head size (~130 s)
@@ -218,8 +218,9 @@ run_compare9b() {
 run_profile() {
     if [[ -n $PROFILE_WHAT ]]; then
         log "running profile_steps.py --size 0.8B --what $PROFILE_WHAT"
-        timeout "$(allow 90)" "$PY" benchmarks/profile_steps.py --size 0.8B --what "$PROFILE_WHAT" \
-            --out "$OUT/profile.txt" >/dev/null 2>&1 || log "profile_steps rc $?"
+        # Each section is printed as it is done: a run cut short keeps the finished ones.
+        timeout "$(allow "${PROFILE_S:-120}")" "$PY" benchmarks/profile_steps.py --size 0.8B --what "$PROFILE_WHAT" \
+            2>&1 | grep -v "^USDT:" >"$OUT/profile.txt" || log "profile_steps rc $?"
     fi
     log "running decode_breakdown.py --size 0.8B"
     timeout "$(allow 90)" "$PY" benchmarks/decode_breakdown.py --size 0.8B --batch 1,8 2>&1 | tee -a "$OUT/profile.txt" ||

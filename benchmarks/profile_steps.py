@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_native import SIZES, build_ours, make_optimizer, random_ids  # noqa: E402
+from compare_native import SIZES, _env, build_ours, make_optimizer, random_ids  # noqa: E402
 
 
 def summary(trace, device, rows: int) -> str:
@@ -157,18 +157,24 @@ def main(argv=None) -> None:
                     )  # fmt: skip
 
             report(f"static generate(), batch {batch}, prompt {prompt}, {new} new tokens (prefill included)", decode)
-        elif what == "train":
+        elif what in ("train", "train-graphed"):
+            from transformers_qwen35 import training_graphs
+
             ids = random_ids(1, args.train, vocab, device, seed=2)
             optimizer = make_optimizer(model, "adamw")
+            graphed = "1" if what == "train-graphed" else "0"
 
-            def step(ids=ids, optimizer=optimizer):
-                model.train()
-                model(input_ids=ids, labels=ids).loss.backward()
-                optimizer.step()
-                model.zero_grad(set_to_none=True)
-                model.eval()
+            def step(ids=ids, optimizer=optimizer, graphed=graphed):
+                with _env(training_graphs.TRAINING_GRAPHS_ENV, graphed):  # captured in the second warm-up step
+                    model.train()
+                    model(input_ids=ids, labels=ids).loss.backward()
+                    optimizer.step()
+                    model.zero_grad(set_to_none=True)
+                    model.eval()
 
-            report(f"training step, 1 x {args.train} tokens, AdamW", step)
+            title = "graphed training step" if graphed == "1" else "training step"
+            report(f"{title}, 1 x {args.train} tokens, AdamW", step)
+            training_graphs.release_training_graphs(model)
             del optimizer
         elif what == "prefill":
             ids = random_ids(1, args.prefill, vocab, device, seed=3)
@@ -179,7 +185,7 @@ def main(argv=None) -> None:
 
             report(f"prefill, 1 x {args.prefill} tokens", prefill)
         else:
-            parser.error(f"--what: unknown {what!r}; choose from decode, train, prefill")
+            parser.error(f"--what: unknown {what!r}; choose from decode, train, train-graphed, prefill")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(f"# profile_steps {args.size} {dtype} {device}\n\n" + "\n".join(sections))
