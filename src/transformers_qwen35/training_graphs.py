@@ -12,13 +12,12 @@ with gradients on, one shape (batch, length, hidden) and dtype, with or without 
 inputs, so batches padded to one length share a capture), no cache, no packing, no activation checkpointing, no
 per-layer outputs, no module hooks, SDPA or eager attention (flash attention unpads on the host), and a model as it
 was at capture (``static_decode.graph_key``: parameter storage, kernel choice, adapter state; in-place optimizer
-updates need no new capture). Anything else runs
-the ordinary eager forward, as does a forward while an earlier replay still waits for its backward (a second replay
-would overwrite the activations that backward needs).
+updates need no new capture). Anything else runs the ordinary eager forward, as does a forward while an earlier
+replay still waits for its backward (a second replay would overwrite the activations that backward needs).
 
 A shape is captured the second time it is seen (a shape seen once is not worth two warm-up steps and a capture); at
 most ``MAX_SHAPES`` are kept, each holding its activations' memory between steps; after ``MAX_CAPTURES`` captures for
-one model (shapes that keep changing: pad to a fixed length or pack) the model goes back to eager steps, with one
+one model (shapes that keep changing: pad every batch to one length) the model goes back to eager steps, with one
 warning. Opt-in until measured on more GPUs: ``TRANSFORMERS_QWEN35_TRAINING_GRAPHS=1``.
 
 Gradients: the backward graph writes parameter gradients into its own buffers, which stay referenced by the capture,
@@ -84,6 +83,8 @@ def can_graph(text_model, hidden: torch.Tensor, *, cache, segments, output_hidde
     state = _STATES.get(text_model)
     if state is not None and state.disabled:
         return False
+    if not hidden.requires_grad and not any(p.requires_grad for p in stack_parameters(text_model)):
+        return False  # nothing to train in the stack: no backward to graph
     # Hooks on the embedding (PEFT's enable_input_require_grads) run eagerly before the graph: only the stack counts.
     stack = (*text_model.layers, text_model.norm)
     return not has_module_hooks(stack) and not static_decode.moved_by_hooks(text_model)
@@ -135,7 +136,7 @@ def run(text_model, *inputs) -> torch.Tensor:
         state.graphs.clear()
         logger.warning(
             f"Graphed training steps: {MAX_CAPTURES} captures for changing batch shapes; training on without graphs. "
-            "Pad batches to a fixed length (or pack them) to keep the graphs."
+            'Pad every batch to one length (padding="max_length") to keep the graphs.'
         )
         return decoder_stack(text_model, *inputs)
     state.captures += 1
@@ -183,8 +184,9 @@ class GraphedDecoderStack:
     def __init__(self, text_model, hidden: torch.Tensor, *constants):
         """``constants``: the other inputs of ``decoder_stack`` (rotary tables, masks or None), which take no
         gradient."""
+        # Nothing here may hold text_model itself: _STATES is keyed by it weakly, and a value holding its key
+        # would keep the model alive for good.
         device = hidden.device
-        self.text_model = text_model
         self.params = tuple(p for p in stack_parameters(text_model) if p.requires_grad)
         self.replays = 0
         self.hidden = hidden.detach().clone().requires_grad_(hidden.requires_grad)
@@ -215,6 +217,7 @@ class GraphedDecoderStack:
         self.forward_graph, _ = _capture(forward_into_self)
         self.output_grad = torch.empty_like(self.output)
         self.backward_graph, grads = _capture(backward, pool=self.forward_graph.pool())
+        self.output = self.output.detach()  # the memory replays write; the captured autograd graph is not needed
         grads = list(grads)
         self.hidden_grad = grads.pop(0) if hidden.requires_grad else None
         self.param_grads = tuple(grads)

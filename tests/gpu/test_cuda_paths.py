@@ -283,6 +283,8 @@ def test_graphed_training_steps_equal_eager_steps_on_fla(monkeypatch, dtype, pad
     step; padded: every batch left-padded by a different amount) of the graphed model equal those of an eager copy;
     the graphs were captured once and replayed."""
     import copy
+    import gc
+    import weakref
 
     from transformers_qwen35 import training_graphs
 
@@ -314,6 +316,11 @@ def test_graphed_training_steps_equal_eager_steps_on_fla(monkeypatch, dtype, pad
     (replays,) = state.graphs.values()
     assert state.captures == 1 and not state.disabled and replays.replays == len(batches) - 1
     eager_losses, eager_grads = steps(eager, False)
+    # The graphs hold no reference to the model: it goes when its last user reference does.
+    alive = weakref.ref(graphed.model)  # the text model: the graphs are kept per text model
+    del graphed, state, replays
+    gc.collect()
+    assert alive() is None, "the training graphs keep the model alive"
     bar = 1e-4 if dtype == torch.float32 else 2e-2  # the same kernels; bf16 may round a reduction differently
     assert _rms_error(graphed_losses, eager_losses) < bar
     for step, (got, expected) in enumerate(zip(graphed_grads, eager_grads)):
