@@ -689,14 +689,19 @@ def bench_train(models, shape, vocab, device, args) -> list[Result]:
         return run
 
     runs = {label: runner(label, model, ids) for label, model in models.items()}
+    notes = {}
     if device.type == "cuda":
         runs[TORCH_SMALL_OPS] = small_ops_on_torch(runner(TORCH_SMALL_OPS, models[OURS], ids))
         runs[TRAINING_GRAPHS] = with_training_graphs(runner(TRAINING_GRAPHS, models[OURS], ids))
+        try:
+            notes[TRAINING_GRAPHS] = graphed_training_check(models[OURS], ids)
+        except Exception as error:  # reported in the row's note; the timing still runs
+            notes[TRAINING_GRAPHS] = f"check failed: {_short_error(error)}"
+        _free(device)
     repeats = args.train_repeats, args.train_warmup
     measured = interleaved(runs, *repeats, device)
-    notes = {}
     if TRAINING_GRAPHS in runs:
-        notes[TRAINING_GRAPHS] = graph_memory_note(models[OURS], device)
+        notes[TRAINING_GRAPHS] += "; " + graph_memory_note(models[OURS], device)
     failed = measured.get(BUILTIN)
     if isinstance(failed, BaseException) and device.type == "cuda" and builtin_uses_fla():
         # Hopper + Triton < 3.7.1: fla refuses its backward (#640). Measure built-in on its PyTorch fallback instead.
@@ -730,6 +735,39 @@ def bench_train(models, shape, vocab, device, args) -> list[Result]:
     runs = ids = None
     _free(device)
     return out
+
+
+def graphed_training_check(model, ids) -> str:
+    """The graphed step's loss and gradients against an eager step's on the same batch and weights (the third graphed
+    call is the first replay: seen, captured, replayed), as relative RMS differences."""
+    from transformers_qwen35 import training_graphs
+
+    def step(graphed: str):
+        with _env(training_graphs.TRAINING_GRAPHS_ENV, graphed):
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+        return loss.detach().float(), [p.grad.detach().float() for p in model.parameters() if p.grad is not None]
+
+    model.train()
+    try:
+        eager_loss, eager = step("0")
+        eager = [g.clone() for g in eager]
+        for _ in range(3):
+            graphed_loss, graphed = step("1")
+        state = training_graphs._STATES.get(model.model)
+        replayed = bool(state and state.graphs and next(iter(state.graphs.values())).replays)
+        difference = sum(float((a - b).square().sum()) for a, b in zip(graphed, eager))
+        norm = sum(float(b.square().sum()) for b in eager)
+        loss_error = abs(float(graphed_loss - eager_loss)) / abs(float(eager_loss))
+        return (
+            f"check vs eager step: {'replayed' if replayed else 'NOT replayed'}, loss {loss_error:.1e}, gradients "
+            f"{(difference / norm) ** 0.5:.1e} relative RMS"
+        )
+    finally:
+        model.zero_grad(set_to_none=True)
+        training_graphs.release_training_graphs(model)
+        model.eval()
 
 
 def graph_memory_note(model, device) -> str:
