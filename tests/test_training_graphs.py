@@ -332,3 +332,34 @@ def test_the_graphs_do_not_keep_the_model_alive(graphs_on_cpu, monkeypatch):
     del model
     gc.collect()
     assert alive() is None
+
+
+def test_lora_adapters_train_exactly_and_an_adapter_switch_gets_its_own_capture(graphs_on_cpu, monkeypatch):
+    """PEFT LoRA on the stack (base frozen, the stack's input needs no gradient): the adapters' gradients through the
+    graphs equal eager ones, and switching to another adapter (a Python switch the graph cannot see) is a new
+    capture, not a replay of the first adapter's graph. (Disabling all adapters leaves nothing to train in the
+    stack: PEFT then freezes them, and those steps run eagerly.)"""
+    from peft import LoraConfig, get_peft_model
+
+    from transformers_qwen35 import lora_target_modules
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=lora_target_modules("all"))
+    graphed = get_peft_model(tiny_model(), config)
+    graphed.add_adapter("second", config)
+    eager = copy.deepcopy(graphed)
+    batches = [ids(seed=i) for i in range(4)]
+
+    def steps(model):
+        model.set_adapter("default")
+        losses = train(model, batches)
+        model.set_adapter("second")
+        return losses + train(model, batches[:3])  # seen, captured, replayed: the second adapter's own graph
+
+    graphed_losses = steps(graphed)
+    state = graph_state(graphed.base_model.model)
+    assert state.captures == 2 and len(state.graphs) == 2
+    monkeypatch.setenv(training_graphs.TRAINING_GRAPHS_ENV, "0")
+    torch.testing.assert_close(graphed_losses, steps(eager), rtol=1e-6, atol=1e-6)
+    for (name, param), reference in zip(graphed.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(param, reference, rtol=1e-6, atol=1e-6, msg=name)
+    assert any("lora_B.second" in n and p.abs().sum() > 0 for n, p in graphed.named_parameters())  # starts at 0
