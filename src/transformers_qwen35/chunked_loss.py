@@ -137,32 +137,52 @@ def _vocab_spans(vocab: int, hidden: int, in_place: bool) -> list[tuple[int, int
     return [(start, min(start + rows, vocab)) for start in range(0, vocab, rows)]
 
 
+class _Rows:
+    """What every chunk needs of its rows, made once for the whole sequence and sliced per chunk (views): fewer small
+    kernels per chunk, each a launch from Python."""
+
+    def __init__(self, targets: torch.Tensor, ignore_index: int, rows: int):
+        self.counted = targets != ignore_index
+        self.ignored = ~self.counted
+        self.indices = targets.masked_fill(self.ignored, 0)  # any valid index on ignored rows, which are masked out
+        self.minus_one_hot = -self.counted.float()  # added at each counted row's target: softmax - one_hot
+        self.positions = torch.arange(min(rows, len(targets)), device=targets.device)
+        self.loss = torch.empty(len(targets), dtype=torch.float32, device=targets.device)  # per row, before masking
+
+    def chunk(self, start: int, end: int):
+        return (self.ignored[start:end], self.indices[start:end], self.minus_one_hot[start:end],
+                self.positions[: end - start], self.loss[start:end])  # fmt: skip
+
+    def summed_loss(self) -> torch.Tensor:
+        """The summed cross-entropy over counted rows (ignored rows' entries are whatever their chunk left)."""
+        return torch.where(self.counted, self.loss, 0.0).sum()
+
+
 def _fused_chunk(
-    hidden, weight, bias, targets, ignore_index, compute, grad_hidden, weight_blocks, spans, grad_bias, kept=None
-):
-    """One chunk of the fused forward: returns its summed cross-entropy (fp32) and writes or accumulates its
-    gradients (for a loss of 1) into ``grad_hidden`` (the chunk's rows), ``weight_blocks`` and ``grad_bias``. Its
-    own buffers (the chunk's logits and their gradient) die when it returns. With ``kept`` (the chunk's rows of a
-    group buffer, in the compute dtype) the gradient of the logits is written there instead of being accumulated
-    into ``weight_blocks``: the caller accumulates a whole group at once."""
+    hidden, weight, bias, rows, compute, grad_hidden, weight_blocks, spans, grad_bias, kept=None
+):  # fmt: skip
+    """One chunk of the fused forward: writes its rows' cross-entropy into ``rows``' loss slice (``rows`` is
+    ``_Rows.chunk``'s tuple) and writes or accumulates its gradients (for a loss of 1) into ``grad_hidden`` (the chunk's
+    rows), ``weight_blocks`` and ``grad_bias``. Its own buffers (the chunk's logits and their gradient) die when it
+    returns. With ``kept`` (the chunk's rows of a group buffer, in the compute dtype) the gradient of the logits is
+    written there instead of being accumulated into ``weight_blocks``: the caller accumulates a whole group at once."""
+    ignored, indices, minus_one_hot, positions, row_loss = rows
     logits = torch.addmm(bias, hidden, weight.t()) if bias is not None else torch.mm(hidden, weight.t())
     logits = logits.float()  # as ForCausalLMLoss widens the logits; a new buffer unless they are fp32 already
-    counted = targets != ignore_index
-    indices = targets.masked_fill(~counted, 0)  # any valid index on ignored rows, which are masked out
     picked = logits.gather(1, indices.unsqueeze(1)).squeeze(1)
     # log-sum-exp with the exponentials made in place in the logits' buffer, for the softmax below
     row_max = logits.amax(1, keepdim=True)
     exps = logits.sub_(row_max).exp_()
     del logits
     sums = exps.sum(1, keepdim=True)
-    loss = torch.where(counted, (row_max + sums.log()).squeeze(1) - picked, 0.0).sum()
+    torch.sub(sums.log().add_(row_max).squeeze(1), picked, out=row_loss)
     if grad_hidden is None and weight_blocks is None and grad_bias is None:
-        return loss
+        return
     # d (summed cross-entropy) / d logits = softmax - one_hot(target) on counted rows, 0 on the others: dividing
     # the others by infinity zeroes them in the same pass (no second pass over the chunk to mask them).
-    grad_logits = exps.div_(sums.masked_fill_(~counted.unsqueeze(1), torch.inf))
+    grad_logits = exps.div_(sums.masked_fill_(ignored.unsqueeze(1), torch.inf))
     del exps
-    grad_logits[torch.arange(len(targets), device=targets.device), indices] -= counted.to(grad_logits.dtype)
+    grad_logits.index_put_((positions, indices), minus_one_hot, accumulate=True)
     if grad_bias is not None:
         grad_bias.add_(grad_logits.sum(0))
     # The matmuls run in the compute dtype, as autograd's through F.linear and .float() would (fp32 accumulation
@@ -175,10 +195,12 @@ def _fused_chunk(
         if grad_logits_c is not grad_logits:
             del grad_logits
     if grad_hidden is not None:
-        grad_hidden.copy_(torch.mm(grad_logits_c, weight))
+        if grad_hidden.dtype == grad_logits_c.dtype:
+            torch.mm(grad_logits_c, weight, out=grad_hidden)
+        else:  # autocast: fp32 hidden states, products in its lower precision
+            grad_hidden.copy_(torch.mm(grad_logits_c, weight))
     if weight_blocks is not None and kept is None:
         _accumulate_weight_gradient(weight_blocks, spans, grad_logits_c, hidden, compute)
-    return loss
 
 
 def _accumulate_weight_gradient(weight_blocks, spans, grad_logits, hidden, compute) -> None:
@@ -233,7 +255,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                     weight_blocks = [weight.new_zeros((end - start, weight.shape[1]), dtype=accumulate)
                                      for start, end in spans]  # fmt: skip
             grad_bias = bias.new_zeros(bias.shape, dtype=accumulate) if need_bias else None
-            total = hidden.new_zeros((), dtype=torch.float32)
+            row_data = _Rows(targets, ignore_index, rows)
             # Accumulating into an fp32 copy of the weight gradient from a lower precision reads and writes all of it
             # once per accumulation (1 GB at 0.8B): do it once per group of chunks, from their logits' gradients kept
             # in one buffer in the compute dtype, rather than once per chunk.
@@ -247,8 +269,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 group_end = min(group_start + group, positions)
                 for start in range(group_start, group_end, rows):
                     end = min(start + rows, group_end)
-                    total += _fused_chunk(
-                        hidden_c[start:end], weight_c, bias_c, targets[start:end], ignore_index, compute,
+                    _fused_chunk(
+                        hidden_c[start:end], weight_c, bias_c, row_data.chunk(start, end), compute,
                         grad_hidden[start:end] if need_hidden else None, weight_blocks, spans, grad_bias,
                         kept[start - group_start : end - group_start] if kept is not None else None,
                     )  # fmt: skip
@@ -270,8 +292,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_bias = grad_bias.to(bias.dtype)
         # With no counted position the gradients are exactly 0 whatever comes back (the mean of nothing is 0 / 0,
         # so backward brings an inf), as cross_entropy's are for ignored rows; a 0-dim flag, not a host sync.
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, (targets != ignore_index).any())
-        return total
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, row_data.counted.any())
+        return row_data.summed_loss()
 
     @staticmethod
     @once_differentiable
