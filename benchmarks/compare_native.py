@@ -473,6 +473,8 @@ def random_ids(batch, length, vocab, device, seed):
 
 
 def bench_prefill(models, shapes, vocab, device, args) -> list[Result]:
+    from transformers_qwen35 import kernels
+
     out = []
     for batch, length in shapes:
         ids = random_ids(batch, length, vocab, device, seed=length)
@@ -486,7 +488,7 @@ def bench_prefill(models, shapes, vocab, device, args) -> list[Result]:
 
         runs = {label: runner(model, ids) for label, model in models.items()}
         if device.type == "cuda":
-            runs[TORCH_SMALL_OPS] = small_ops_on_torch(runner(models[OURS], ids))
+            runs[TORCH_SMALL_OPS] = under_env(runner(models[OURS], ids), kernels.SMALL_OPS_ENV, "0")
         measured = interleaved(runs, args.repeats, args.warmup, device)
         for label, value in measured.items():
             out.append(_result("prefill", f"{batch}x{length}", label, batch * length, value))
@@ -508,30 +510,18 @@ def cache_label(implementation: str) -> str:
 # Prefill and training on CUDA also run ours with its norms and SwiGLU on PyTorch ops
 # (TRANSFORMERS_QWEN35_FLA_SMALL_OPS=0): a step that waits on the host may be faster with fewer fla calls.
 TORCH_SMALL_OPS = f"{OURS} torch-small-ops"
-
-
-def small_ops_on_torch(run):
-    """``run`` with our norms and SwiGLU on PyTorch ops."""
-    from transformers_qwen35 import kernels
-
-    def wrapped():
-        with _env(kernels.SMALL_OPS_ENV, "0"):
-            run()
-
-    return wrapped
-
-
 # Training on CUDA also runs ours with its decoder's forward and backward replayed from CUDA graphs
-# (TRANSFORMERS_QWEN35_TRAINING_GRAPHS=1, opt-in): a 4k-token step of 0.8B otherwise waits on kernel launches.
+# (TRANSFORMERS_QWEN35_TRAINING_GRAPHS=1, opt-in; captured on the second call, then replayed): a 4k-token step of
+# 0.8B otherwise waits on kernel launches.
 TRAINING_GRAPHS = f"{OURS} graphed"
 
 
-def with_training_graphs(run):
-    """``run`` with graphed training steps (captured on its second call, then replayed)."""
-    from transformers_qwen35 import training_graphs
+def under_env(run, name: str, value: str):
+    """``run`` with the environment variable ``name`` set to ``value`` while it runs (our switches are read per
+    call)."""
 
     def wrapped():
-        with _env(training_graphs.TRAINING_GRAPHS_ENV, "1"):
+        with _env(name, value):
             run()
 
     return wrapped
@@ -671,6 +661,8 @@ def attach_random_mtp_heads(model, seed: int) -> None:
 
 
 def bench_train(models, shape, vocab, device, args) -> list[Result]:
+    from transformers_qwen35 import kernels, training_graphs
+
     batch, length = shape
     ids = random_ids(batch, length, vocab, device, seed=length + 1)
     optimizers = {}
@@ -691,8 +683,9 @@ def bench_train(models, shape, vocab, device, args) -> list[Result]:
     runs = {label: runner(label, model, ids) for label, model in models.items()}
     notes = {}
     if device.type == "cuda":
-        runs[TORCH_SMALL_OPS] = small_ops_on_torch(runner(TORCH_SMALL_OPS, models[OURS], ids))
-        runs[TRAINING_GRAPHS] = with_training_graphs(runner(TRAINING_GRAPHS, models[OURS], ids))
+        runs[TORCH_SMALL_OPS] = under_env(runner(TORCH_SMALL_OPS, models[OURS], ids), kernels.SMALL_OPS_ENV, "0")
+        graphed = runner(TRAINING_GRAPHS, models[OURS], ids)
+        runs[TRAINING_GRAPHS] = under_env(graphed, training_graphs.TRAINING_GRAPHS_ENV, "1")
         try:
             notes[TRAINING_GRAPHS] = graphed_training_check(models[OURS], ids)
         except Exception as error:  # reported in the row's note; the timing still runs
