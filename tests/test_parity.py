@@ -9,6 +9,10 @@ import torch
 from conftest import build_pair, relative_error
 
 TOL = 1e-5
+# Parameter gradients sum over every token (dt_bias, A_log and the norms' weights with cancellations): in fp32 either
+# implementation's are up to ~2e-5 (relative) from the same model's in fp64, so two correct fp32 results may differ by
+# about that much. A wrong gradient is off by 1e-3 or more.
+GRAD_TOL = 3e-5
 
 
 def _ids(batch=2, length=37, seed=1, vocab=99):
@@ -55,7 +59,7 @@ def test_loss_and_every_gradient_match_native(pair):
     for name, param in ours.named_parameters():
         reference = native_params[name].grad
         assert param.grad is not None and reference is not None, name
-        assert relative_error(param.grad, reference) < TOL, name
+        assert relative_error(param.grad, reference) < GRAD_TOL, name
         checked += 1
     assert checked == len(native_params)
 

@@ -139,52 +139,55 @@ def _vocab_spans(vocab: int, hidden: int, in_place: bool) -> list[tuple[int, int
 
 class _Rows:
     """What every chunk needs of its rows, made once for the whole sequence and sliced per chunk (views): fewer small
-    kernels per chunk, each a launch from Python."""
+    kernels per chunk, each a launch from Python. Chunks start at multiples of ``rows``."""
 
-    def __init__(self, targets: torch.Tensor, ignore_index: int, rows: int):
+    def __init__(self, targets: torch.Tensor, ignore_index: int, rows: int, vocab: int):
         self.counted = targets != ignore_index
         self.ignored = ~self.counted
-        self.indices = targets.masked_fill(self.ignored, 0)  # any valid index on ignored rows, which are masked out
-        self.minus_one_hot = -self.counted.float()  # added at each counted row's target: softmax - one_hot
-        self.positions = torch.arange(min(rows, len(targets)), device=targets.device)
-        self.loss = torch.empty(len(targets), dtype=torch.float32, device=targets.device)  # per row, before masking
+        # Any valid index on ignored rows: what is picked or subtracted there is masked out (_fused_chunk).
+        indices = targets.masked_fill(self.ignored, 0)
+        self.gather_index = indices.unsqueeze(1)
+        # Each row's target as an index into its chunk's flattened logits, for one scatter per chunk.
+        self.flat_target = torch.arange(len(targets), device=targets.device).remainder_(rows).mul_(vocab).add_(indices)
+        self.minus_ones = torch.full((min(rows, len(targets)),), -1.0, device=targets.device)
+        self.picked = torch.empty(len(targets), 1, dtype=torch.float32, device=targets.device)  # log p(target)
 
     def chunk(self, start: int, end: int):
-        return (self.ignored[start:end], self.indices[start:end], self.minus_one_hot[start:end],
-                self.positions[: end - start], self.loss[start:end])  # fmt: skip
+        return (self.ignored[start:end], self.gather_index[start:end], self.flat_target[start:end],
+                self.minus_ones[: end - start], self.picked[start:end])  # fmt: skip
 
     def summed_loss(self) -> torch.Tensor:
         """The summed cross-entropy over counted rows (ignored rows' entries are whatever their chunk left)."""
-        return torch.where(self.counted, self.loss, 0.0).sum()
+        return torch.where(self.counted, self.picked.squeeze(1), 0.0).sum().neg()
 
 
 def _fused_chunk(
     hidden, weight, bias, rows, compute, grad_hidden, weight_blocks, spans, grad_bias, kept=None
 ):  # fmt: skip
-    """One chunk of the fused forward: writes its rows' cross-entropy into ``rows``' loss slice (``rows`` is
-    ``_Rows.chunk``'s tuple) and writes or accumulates its gradients (for a loss of 1) into ``grad_hidden`` (the chunk's
-    rows), ``weight_blocks`` and ``grad_bias``. Its own buffers (the chunk's logits and their gradient) die when it
-    returns. With ``kept`` (the chunk's rows of a group buffer, in the compute dtype) the gradient of the logits is
-    written there instead of being accumulated into ``weight_blocks``: the caller accumulates a whole group at once."""
-    ignored, indices, minus_one_hot, positions, row_loss = rows
+    """One chunk of the fused forward: writes its rows' log-probabilities of their targets into ``rows``' slice
+    (``rows`` is ``_Rows.chunk``'s tuple) and writes or accumulates its gradients (for a loss of 1) into
+    ``grad_hidden`` (the chunk's rows), ``weight_blocks`` and ``grad_bias``. Its own buffers (the chunk's logits and
+    their gradient) die when it returns. With ``kept`` (the chunk's rows of a group buffer, in the compute dtype) the
+    gradient of the logits is written there instead of being accumulated into ``weight_blocks``: the caller
+    accumulates a whole group at once.
+
+    Ignored rows are not masked here: their hidden states are zero when the weight gradient is wanted (no share of
+    it), the caller zeroes their rows of ``grad_hidden`` once for the sequence, and ``_Rows.summed_loss`` skips
+    them; only a bias gradient (a sum over rows) needs them zeroed per chunk."""
+    ignored, gather_index, flat_target, minus_ones, picked = rows
     logits = torch.addmm(bias, hidden, weight.t()) if bias is not None else torch.mm(hidden, weight.t())
-    logits = logits.float()  # as ForCausalLMLoss widens the logits; a new buffer unless they are fp32 already
-    picked = logits.gather(1, indices.unsqueeze(1)).squeeze(1)
-    # log-sum-exp with the exponentials made in place in the logits' buffer, for the softmax below
-    row_max = logits.amax(1, keepdim=True)
-    exps = logits.sub_(row_max).exp_()
+    logits = logits.float()  # as ForCausalLMLoss widens the logits (a new buffer unless they are fp32 already)
+    log_probs = torch.log_softmax(logits, 1)  # one kernel, as cross_entropy's
     del logits
-    sums = exps.sum(1, keepdim=True)
-    torch.sub(sums.log().add_(row_max).squeeze(1), picked, out=row_loss)
+    torch.gather(log_probs, 1, gather_index, out=picked)  # the loss is minus these: nll_loss's values exactly
     if grad_hidden is None and weight_blocks is None and grad_bias is None:
         return
-    # d (summed cross-entropy) / d logits = softmax - one_hot(target) on counted rows, 0 on the others: dividing
-    # the others by infinity zeroes them in the same pass (no second pass over the chunk to mask them).
-    grad_logits = exps.div_(sums.masked_fill_(ignored.unsqueeze(1), torch.inf))
-    del exps
-    grad_logits.index_put_((positions, indices), minus_one_hot, accumulate=True)
+    # d (-log_softmax[target]) / d logits = softmax - one_hot(target), as autograd through log_softmax makes it
+    grad_logits = log_probs.exp_()
+    del log_probs
+    grad_logits.view(-1).scatter_add_(0, flat_target, minus_ones)
     if grad_bias is not None:
-        grad_bias.add_(grad_logits.sum(0))
+        grad_bias.add_(grad_logits.masked_fill_(ignored.unsqueeze(1), 0.0).sum(0))
     # The matmuls run in the compute dtype, as autograd's through F.linear and .float() would (fp32 accumulation
     # inside the matmul).
     if kept is not None:
@@ -255,7 +258,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                     weight_blocks = [weight.new_zeros((end - start, weight.shape[1]), dtype=accumulate)
                                      for start, end in spans]  # fmt: skip
             grad_bias = bias.new_zeros(bias.shape, dtype=accumulate) if need_bias else None
-            row_data = _Rows(targets, ignore_index, rows)
+            row_data = _Rows(targets, ignore_index, rows, vocab)
+            if need_weight:  # ignored rows then add nothing to the weight gradient (see _fused_chunk)
+                hidden_c = hidden_c.masked_fill(row_data.ignored.unsqueeze(1), 0.0)
             # Accumulating into an fp32 copy of the weight gradient from a lower precision reads and writes all of it
             # once per accumulation (1 GB at 0.8B): do it once per group of chunks, from their logits' gradients kept
             # in one buffer in the compute dtype, rather than once per chunk.
@@ -280,6 +285,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                         weight_blocks, spans, kept[:size], hidden_c[group_start:group_end], compute
                     )
             del hidden_c, weight_c, bias_c, kept
+            if need_hidden:
+                grad_hidden.masked_fill_(row_data.ignored.unsqueeze(1), 0.0)
             if need_weight and grad_weight is None:
                 # Cast block by block, dropping each fp32 block as it goes.
                 cast = []
