@@ -10,7 +10,10 @@
 #   compare_9B.json     the 9B decode comparison (STEPS with compare9b)
 #   profile.txt         profile_steps.py (the kernels that take the time in decode and training, device-busy vs wall,
 #                       host syncs), then decode_breakdown.py (a static decoding step taken apart)
-#   triton-autotune.tgz Triton's autotuning results (commit as benchmarks/triton-autotune.tgz)
+#   triton-cache.tgz    Triton's autotuning results (*.autotune.json: commit them as benchmarks/triton-autotune.tgz)
+#                       and compiled kernels with their launchers (the rest: commit as benchmarks/triton-kernels.tgz if
+#                       small enough; the next run then skips compiling, most of the tests step's time, wherever the
+#                       image, GPU, Triton, fla and our kernels are unchanged; elsewhere Triton just compiles again)
 #
 # Wheels carried in .whl/ (git-ignored; the device tool must be told to carry ".whl"):
 #   .whl/*.whl                        always installed (--no-deps): fla-core
@@ -127,12 +130,20 @@ if [[ -f benchmarks/triton-autotune.tgz ]]; then
     tar xzf benchmarks/triton-autotune.tgz -C "$TRITON_CACHE" && log "restored Triton autotuning results" ||
         log "WARNING: could not restore benchmarks/triton-autotune.tgz"
 fi
+# Compiled kernels: Triton finds them by a hash of the kernel's source, Triton, the GPU and the options, through index
+# files that name them by absolute path, so they serve only when restored to the same cache path as they were made in.
+if [[ -f benchmarks/triton-kernels.tgz ]]; then
+    mkdir -p "$TRITON_CACHE"
+    tar xzf benchmarks/triton-kernels.tgz -C "$TRITON_CACHE" && log "restored Triton's compiled kernels" ||
+        log "WARNING: could not restore benchmarks/triton-kernels.tgz"
+fi
 
 # 3. Versions, kernels, GPU.
 log "writing $OUT/env.txt"
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "host: $(uname -a)"
+    echo "triton cache: $TRITON_CACHE"
     timeout "$(allow 60)" "$PY" - <<'EOF' || echo "version probe failed (rc $?)"
 import importlib, importlib.metadata as m, platform, sys
 print("python", platform.python_version(), sys.executable)
@@ -237,10 +248,19 @@ for step in $STEPS; do
     esac
 done
 
-# This session's autotuning results, for the next one (commit $OUT/triton-autotune.tgz as benchmarks/triton-autotune.tgz).
+# This session's Triton cache, for the next run: the autotuning results (commit them as benchmarks/triton-autotune.tgz)
+# and what Triton needs to load a kernel without compiling it (the binary, its metadata and index files, the
+# launchers; commit those as benchmarks/triton-kernels.tgz if small enough). One file: at most 8 come back.
 if [[ -d $TRITON_CACHE ]]; then
-    (cd "$TRITON_CACHE" && find . -name '*.autotune.json' | tar czf "$OUT/triton-autotune.tgz" -T -) ||
-        log "WARNING: could not save the Triton autotuning results"
+    (cd "$TRITON_CACHE" && find . -name '*.autotune.json' -o -name '*.cubin' -o -name '*.so' -o -name '*.json' |
+        tar czf "$OUT/triton-cache.tgz" -T -) || log "WARNING: could not save the Triton cache"
+    size=$(stat -c %s "$OUT/triton-cache.tgz" 2>/dev/null || echo 0)
+    log "Triton cache with compiled kernels: $((size / 1024)) KiB ($TRITON_CACHE)"
+    if ((size > 15 * 1024 * 1024)); then # a returned file may have 16 MiB
+        (cd "$TRITON_CACHE" && find . -name '*.autotune.json' | tar czf "$OUT/triton-cache.tgz" -T -) &&
+            log "  over 15 MiB: returning the autotuning results alone" ||
+            log "WARNING: could not save the Triton autotuning results"
+    fi
 fi
 log "done in $((SECONDS - STARTED)) s"
 exit "$COMPARE_RC"
