@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("TRANSFORMERS_QWEN35_KERNELS", "auto")
 
@@ -281,6 +282,24 @@ def install_exact_fake_fla(monkeypatch) -> list[tuple]:
         ),
     )  # fmt: skip
     return calls
+
+
+# Operations that make the host wait for the device's values on CUDA: inside a capture they fail it.
+HOST_SYNCS = ("aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.masked_select", "aten._unique2",
+              "aten.unique_consecutive", "aten.repeat_interleave.Tensor", "aten.equal", "aten.is_nonzero")  # fmt: skip
+
+
+class HostSyncs(TorchDispatchMode):
+    """Within the block, records every operation that would read a tensor's value on the host (``found``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(HOST_SYNCS):
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def write_untied_tiny_checkpoint(directory, seed: int, vocab_size: int = 1024):

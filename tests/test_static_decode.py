@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import generate_tokens, left_padded_prompts, relative_error, write_untied_tiny_checkpoint
+from conftest import (
+    HostSyncs,
+    generate_tokens,
+    install_exact_fake_fla,
+    left_padded_prompts,
+    relative_error,
+    write_untied_tiny_checkpoint,
+)
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
+from transformers_qwen35 import speculative
 from transformers_qwen35.cache import Qwen3_5HybridCache
 from transformers_qwen35.static_decode import StaticHybridCache, forward_block
 
@@ -73,6 +81,32 @@ def test_block_forward_on_the_static_cache_matches_the_dynamic_forward(model):
             static.advance(length)
             assert relative_error(got, expected) < 1e-5, length
             position = position + length
+
+
+@pytest.mark.parametrize("kernels", ["torch", "fla"])
+@pytest.mark.parametrize("draft_tokens", [0, 2])
+def test_what_the_decoding_graphs_capture_never_waits_for_the_device(model, monkeypatch, kernels, draft_tokens):
+    """The block forward that a CUDA graph captures reads no tensor's value on the host (which would fail the capture
+    on CUDA), decoding plainly and verifying MTP drafts. On our PyTorch ops, and on fla's path with a stand-in for its
+    kernels (conftest): our code around them."""
+    calls = []
+    if kernels == "fla":
+        monkeypatch.setenv("TRANSFORMERS_QWEN35_KERNELS", "fla")
+        calls = install_exact_fake_fla(monkeypatch)
+    syncs, blocks = HostSyncs(), []
+
+    def watched_block(*args):
+        blocks.append(args[2].shape)
+        with syncs:
+            return forward_block(*args)
+
+    monkeypatch.setattr(speculative, "forward_block", watched_block)
+    ids, mask = left_padded_prompts(seed=2)
+    generate_tokens(model, ids, mask, cache_implementation="static", mtp_draft_tokens=draft_tokens)
+    assert {shape[1] for shape in blocks} == ({1, 3} if draft_tokens else {1})
+    assert syncs.found == []
+    taken = {kernel for kernel, _, _ in calls}
+    assert taken >= {"recurrent", "add_rms_norm", "swiglu"} if kernels == "fla" else not taken
 
 
 def test_vision_language_model_with_an_image_on_the_static_path(checkpoint):

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from conftest import Qwen3_5ForCausalLM, Qwen3_5TextConfig, tiny_text_kwargs
+from conftest import HostSyncs, Qwen3_5ForCausalLM, Qwen3_5TextConfig, install_exact_fake_fla, tiny_text_kwargs
 from transformers.utils import logging as hf_logging
 
 from transformers_qwen35 import training_graphs
@@ -285,6 +285,40 @@ def test_batches_a_graph_cannot_replay_exactly_stay_eager(graphs_on_cpu, monkeyp
         monkeypatch.setattr(training_graphs, "run", no_graphs)
         with pytest.raises(AssertionError, match="graphed where"):
             model(input_ids=batch, labels=batch)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "fla"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_what_a_graph_captures_never_waits_for_the_device(graphs_on_cpu, monkeypatch, attn_implementation, kernels):
+    """The captured forward and backward (of a padded batch) read no tensor's value on the host: on CUDA such a read
+    fails the capture. On our PyTorch ops, and on fla's path with a stand-in for its kernels (conftest): our code
+    around them (the real kernels' own code is run in tests/gpu)."""
+    calls = []
+    if kernels == "fla":
+        monkeypatch.setenv("TRANSFORMERS_QWEN35_KERNELS", "fla")
+        calls = install_exact_fake_fla(monkeypatch)
+    syncs = HostSyncs()
+
+    def watched_capture(function, pool=None):
+        with syncs:
+            return replaying_capture(function, pool)
+
+    monkeypatch.setattr(training_graphs, "_capture", watched_capture)
+    model = tiny_model()
+    model.config._attn_implementation = attn_implementation
+    batch = ids()
+    mask = torch.ones_like(batch)
+    mask[0, :3] = 0
+    for _ in range(3):  # seen, captured, replayed
+        model(input_ids=batch, attention_mask=mask, labels=batch).loss.backward()
+    assert graph_state(model).captures == 1
+    assert syncs.found == []
+    taken = {kernel for kernel, _, _ in calls}
+    assert taken >= {"chunk", "conv", "add_rms_norm", "swiglu"} if kernels == "fla" else not taken
+    with syncs:  # the detector itself: the eager forward reads the mask once (is any position padded?)
+        model.eval()
+        model(input_ids=batch, attention_mask=mask)
+    assert syncs.found
 
 
 def test_the_graphed_stack_is_the_eager_forward(graphs_on_cpu):
