@@ -41,6 +41,7 @@ PROFILE_WHAT="${PROFILE_WHAT:-train,train-graphed,decode}" # profile_steps.py ph
 STEPS="${STEPS:-tests compare profile}"                # which steps run, in this order (also: compare9b)
 TESTS_S="${TESTS_S:-150}"                              # cap of each part of the tests step
 REAL_HEAD_TESTS="${REAL_HEAD_TESTS:-1}"                # 0: skip the tests at fla's real head size (~130 s)
+TESTS_K="${TESTS_K:-}"                                 # a pytest -k expression: only those tests (e.g. "graphed")
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 STARTED=$SECONDS
 
@@ -187,9 +188,11 @@ run_tests() {
     local options=(-v --durations=12 -p no:cacheprovider -p report_failures_now) rc=0
     if "$PY" -c "import xdist" 2>/dev/null; then options+=(-n 4); fi
     if "$PY" -c "import pytest_timeout" 2>/dev/null; then options+=(--timeout=120); fi
-    log "running pytest tests/gpu"
+    local chosen="not real_head_size"
+    if [[ -n $TESTS_K ]]; then chosen="($TESTS_K) and not real_head_size"; fi
+    log "running pytest tests/gpu -k '$chosen'"
     PYTHONPATH="$PWD/benchmarks:$PYTHONPATH" timeout "$(allow "$TESTS_S")" "$PY" -m pytest "${options[@]}" \
-        -k "not real_head_size" tests/gpu >"$OUT/pytest.txt" 2>&1 || rc=$?
+        -k "$chosen" tests/gpu >"$OUT/pytest.txt" 2>&1 || rc=$?
     log "pytest rc $rc"
     if [[ $REAL_HEAD_TESTS == 0 ]]; then
         grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed|skipped" "$OUT/pytest.txt" | tail -n 20 || true
@@ -197,8 +200,10 @@ run_tests() {
         return
     fi
     rc=0
+    chosen="real_head_size"
+    if [[ -n $TESTS_K ]]; then chosen="($TESTS_K) and real_head_size"; fi
     PYTHONPATH="$PWD/benchmarks:$PYTHONPATH" timeout "$(allow "$TESTS_S")" "$PY" -m pytest "${options[@]}" \
-        -k "real_head_size" tests/gpu >>"$OUT/pytest.txt" 2>&1 || rc=$?
+        -k "$chosen" tests/gpu >>"$OUT/pytest.txt" 2>&1 || rc=$?
     grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed|skipped" "$OUT/pytest.txt" | tail -n 20 || true
     log "pytest (real head size) rc $rc"
 }
