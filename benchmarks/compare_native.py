@@ -770,11 +770,13 @@ def graph_memory_note(model, device) -> str:
 
     state = training_graphs._STATES.get(model.model)
     captures = state.captures if state is not None else 0
+    # A failed capture (or too many) turns the graphs off with a warning: the row then timed eager steps.
+    disabled = "; GRAPHS TURNED OFF, eager steps timed (see the warning above)" if state and state.disabled else ""
     before = torch.cuda.memory_allocated(device)
     training_graphs.release_training_graphs(model)
     _free(device)
     held = before - torch.cuda.memory_allocated(device)
-    return f"{captures} capture(s); the graphs held {held / 2**30:.2f} GiB between steps"
+    return f"{captures} capture(s); the graphs held {held / 2**30:.2f} GiB between steps{disabled}"
 
 
 def make_optimizer(model, name):
