@@ -1,0 +1,83 @@
+"""The benchmark scripts run on CPU as they will on the GPU machine, whose minutes are too few to find a broken script
+there. Each runs in its own process (they set threads, logging and stand-in modules for the whole process)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_script(*args: str, timeout: int = 300) -> str:
+    done = subprocess.run(
+        [*args], cwd=BENCHMARKS.parent, capture_output=True, text=True, timeout=timeout, check=False
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def test_compare_native_measures_every_phase_and_checks_the_logits(tmp_path):
+    out = tmp_path / "compare.json"
+    stdout = run_script(
+        sys.executable, "benchmarks/compare_native.py", "--device", "cpu", "--size", "tiny", "--quick",
+        "--prefill", "1x64", "--decode-prompt", "16", "--decode-new", "3", "--decode-batch", "1", "--train", "1x32",
+        "--repeats", "1", "--warmup", "0", "--train-repeats", "1", "--train-warmup", "0", "--mtp", "0",
+        "--threads", "1", "--json-out", str(out),
+    )  # fmt: skip
+    summary = json.loads(stdout.strip().splitlines()[-1])  # the last line is the JSON of ratios
+    assert summary["complete"] is True
+    assert set(summary["ratios"]) == {"prefill_1x64", "decode_b1_p16_n3", "train_1x32"}
+    assert all(ratio > 0 for ratio in summary["ratios"].values())
+    assert summary["logits_relative_error"]["max"] < 1e-4  # fp32, identical weights
+    assert summary["decode_same_tokens"] == {"b1 p16 n3": True}
+    assert json.loads(out.read_text())["ratios"] == summary["ratios"]
+
+
+def test_count_launches_counts_one_fla_call_per_norm_swiglu_conv_recurrence_and_gated_norm():
+    stdout = run_script(sys.executable, "benchmarks/count_launches.py", "--size", "0.8B", "--tokens", "64")
+    ours = next(line for line in stdout.splitlines() if line.startswith("ours:"))
+    builtin = next(line for line in stdout.splitlines() if line.startswith("built-in:"))
+    # 0.8B: 24 layers, 18 Gated DeltaNet + 6 attention. Norms: 2 per layer, the final one, q and k per attention
+    # layer (61); SwiGLU per layer (24); conv, recurrence and gated norm per DeltaNet layer (54). Each once forward
+    # and once backward; built-in calls fla for the recurrence only.
+    assert "forward" in ours and " + 139 fla calls, backward " in ours and "+ 139 fla calls;" in ours
+    assert " + 18 fla calls, backward " in builtin and "+ 18 fla calls;" in builtin
+
+
+def test_keep_triton_cache_merges_autotuning_results_and_keeps_the_returned_kernels(tmp_path):
+    def archive(path: Path, files: dict[str, str]) -> Path:
+        with tarfile.open(path, "w:gz") as tar:
+            for name, text in files.items():
+                source = tmp_path / "src" / name
+                source.parent.mkdir(parents=True, exist_ok=True)
+                source.write_text(text)
+                tar.add(source, arcname=f"./{name}")
+        return path
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    archive(kept / "triton-autotune.tgz", {"OLD/a.autotune.json": "old", "SAME/b.autotune.json": "before"})
+    returned = archive(
+        tmp_path / "triton-cache.tgz",
+        {"SAME/b.autotune.json": "after", "K/k.cubin": "binary", "K/__grp__k.json": "{}", "K/k.json": "{}"},
+    )
+    stdout = run_script("bash", str(BENCHMARKS / "keep_triton_cache.sh"), str(returned), str(kept), timeout=60)
+    assert "2 results" in stdout and "1 kernels" in stdout
+    with tarfile.open(kept / "triton-autotune.tgz") as tar:
+        autotune = {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
+    assert autotune == {"./OLD/a.autotune.json": "old", "./SAME/b.autotune.json": "after"}
+    with tarfile.open(kept / "triton-kernels.tgz") as tar:
+        assert sorted(m.name for m in tar.getmembers() if m.isfile()) == [
+            "./K/__grp__k.json", "./K/k.cubin", "./K/k.json"
+        ]  # fmt: skip
+
+
+@pytest.mark.parametrize("script", ["device_check.sh", "keep_triton_cache.sh"])
+def test_the_shell_scripts_parse(script):
+    run_script("bash", "-n", str(BENCHMARKS / script), timeout=30)
