@@ -37,8 +37,9 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
-from torch.nn.modules import module as module_globals
 from torch.utils.checkpoint import checkpoint
+
+from .module_hooks import runs_hooks
 
 # At most this many fp32 logits per chunk (2^26 elements = 256 MiB). A chunk's working set is a few buffers of that
 # size (the logits in the model's dtype, their fp32 copy, the softmax or log-softmax and, in the checkpointed
@@ -91,17 +92,7 @@ def fusable(head: nn.Module) -> bool:
     replaced on the instance (accelerate's ``add_hook_to_module``), or parameters that are not dense tensors (DTensor
     shards, quantised tensor subclasses, meta tensors). All of those keep the checkpointed path, which calls the
     module once per chunk as the unchunked model does."""
-    if type(head) is not nn.Linear or "forward" in vars(head):
-        return False
-    if head._forward_hooks or head._forward_pre_hooks or head._backward_hooks or head._backward_pre_hooks:
-        return False
-    global_hooks = (
-        module_globals._global_forward_hooks,
-        module_globals._global_forward_pre_hooks,
-        module_globals._global_backward_hooks,
-        module_globals._global_backward_pre_hooks,
-    )
-    if any(global_hooks):
+    if type(head) is not nn.Linear or "forward" in vars(head) or runs_hooks([head]):
         return False
     return _plain_tensor(head.weight) and _plain_tensor(head.bias)
 

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from transformers.utils import logging
 
 from . import hopper_backward
+from .module_hooks import runs_hooks
 from .ops.causal_conv import causal_conv1d as torch_causal_conv1d
 from .ops.gated_delta_rule import chunk_gated_delta_rule as torch_chunk_gated_delta_rule
 from .ops.gated_delta_rule import recurrent_gated_delta_rule as torch_recurrent_gated_delta_rule
@@ -289,13 +290,11 @@ def norm_weights_prepared(model: torch.nn.Module, x: torch.Tensor):
 
 
 def _preparable(norms, weights) -> bool:
-    from torch.nn.modules import module as module_globals
-
-    if module_globals._global_forward_pre_hooks or module_globals._global_forward_hooks:
+    if runs_hooks(norms):
         return False
     device = weights[0].device
     for norm, weight in zip(norms, weights):
-        if norm._forward_pre_hooks or norm._forward_hooks or hasattr(norm, "_hf_hook"):
+        if hasattr(norm, "_hf_hook"):  # accelerate's, which moves the weight in Python at call time
             return False
         # plain dense tensors only: a DTensor (FSDP2) is a subclass; ZeRO-3 leaves partitioned weights empty
         if type(weight) not in (torch.Tensor, torch.nn.Parameter) or weight.is_meta or weight.device != device:

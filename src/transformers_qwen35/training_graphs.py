@@ -35,6 +35,7 @@ import torch
 from transformers.utils import logging
 
 from . import static_decode
+from .module_hooks import runs_hooks
 
 logger = logging.get_logger(__name__)
 
@@ -49,22 +50,6 @@ _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def training_graphs_enabled() -> bool:
     """Whether ``TRANSFORMERS_QWEN35_TRAINING_GRAPHS`` asks for graphed training steps (default: no)."""
     return os.environ.get(TRAINING_GRAPHS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def has_module_hooks(modules) -> bool:
-    """Whether any of ``modules`` or their submodules (or a global registration) runs Python hooks around a forward
-    or backward: a graph would skip them on replay."""
-    from torch.nn.modules import module as module_globals
-
-    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
-        return True
-    if module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks:
-        return True
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        for module in modules
-        for m in module.modules()
-    )
 
 
 def can_graph(text_model, hidden: torch.Tensor, *, cache, segments, output_hidden_states, output_attentions,
@@ -87,7 +72,7 @@ def can_graph(text_model, hidden: torch.Tensor, *, cache, segments, output_hidde
         return False  # nothing to train in the stack: no backward to graph
     # Hooks on the embedding (PEFT's enable_input_require_grads) run eagerly before the graph: only the stack counts.
     stack = (*text_model.layers, text_model.norm)
-    return not has_module_hooks(stack) and not static_decode.moved_by_hooks(text_model)
+    return not runs_hooks(stack) and not static_decode.moved_by_hooks(text_model)
 
 
 def _graphable(tensor: torch.Tensor) -> bool:
