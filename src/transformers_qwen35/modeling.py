@@ -611,12 +611,42 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
         afresh each time: modules can be swapped)."""
         return [module for module in self.modules() if isinstance(module, Qwen3_5RMSNorm)]
 
+    def layers_checkpointed(self) -> bool:
+        """Whether this training forward recomputes its layers in backward (activation checkpointing)."""
+        return self.training and any(layer.gradient_checkpointing for layer in self.layers)
+
+    def decoder_stack(self, hidden_states, position_embeddings, on_layer=None, **layer_kwargs) -> torch.Tensor:
+        """The decoder layers and the final norm over ``hidden_states``; ``layer_kwargs`` go to every layer (masks,
+        segments, cache, ...) and ``on_layer(layer, hidden_states, attention_weights)`` is called after each. The one
+        loop behind the forward, the static decoding block (static_decode.py) and the graphed training step
+        (training_graphs.py).
+
+        For a few tokens (decoding, speculative blocks), where a step is mostly kernel launches, each layer's last
+        residual add is left to the next layer's first norm (see the decoder layer). Not for long inputs: the unadded
+        pair stays referenced here through the next layer, one more hidden-size tensor at the peak (134 MB at a 64k
+        prefill of 0.8B); nor when each layer's output is watched, or layers are checkpointed (reentrant
+        checkpointing only sees positional tensors)."""
+        batch, length = hidden_states.shape[:2]
+        defer = batch * length <= DEFER_RESIDUAL_TOKENS and on_layer is None and not self.layers_checkpointed()
+        pending = None
+        with kernels.norm_weights_prepared(self, hidden_states):
+            for layer in self.layers:
+                hidden_states, weights = layer(
+                    hidden_states, position_embeddings=position_embeddings, mlp_output=pending,
+                    defer_mlp_output=defer, **layer_kwargs,
+                )  # fmt: skip
+                if defer:
+                    hidden_states, pending = hidden_states
+                if on_layer is not None:
+                    on_layer(layer, hidden_states, weights)
+            return self.norm(pending, residual=hidden_states)[0] if defer else self.norm(hidden_states)
+
     def resolve_use_cache(self, use_cache: bool | None) -> bool:
         """Training keeps no cache unless asked; with activation checkpointing never: the recomputed forward would
         append the same keys to it a second time."""
         if use_cache is None:
             use_cache = bool(self.config.use_cache) and not self.training
-        if use_cache and self.training and any(layer.gradient_checkpointing for layer in self.layers):
+        if use_cache and self.layers_checkpointed():
             return False
         return use_cache
 
@@ -696,55 +726,45 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, rope_positions)
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        # For a few tokens (decoding, speculative blocks), where a step is mostly kernel launches, each layer's last
-        # residual add is left to the next layer's first norm (see the decoder layer). Not for long inputs: the
-        # unadded pair stays referenced here through the next layer, one more hidden-size tensor at the peak (134 MB
-        # at a 64k prefill of 0.8B); nor when every layer's output is asked for, or layers are checkpointed
-        # (reentrant checkpointing only sees positional tensors).
-        checkpointed = self.training and any(layer.gradient_checkpointing for layer in self.layers)
-        defer = batch * length <= DEFER_RESIDUAL_TOKENS and not output_hidden_states and not checkpointed
-        pending = None
+        all_hidden_states = [hidden_states] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
+
+        def collect(layer, hidden, weights):
+            if output_hidden_states:
+                all_hidden_states.append(hidden)
+            if output_attentions and layer.layer_type == FULL_ATTENTION:
+                all_attentions.append(weights)
+
         if training_graphs.can_graph(
             self, hidden_states, cache=cache if use_cache else None, segments=segments,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions, checkpointed=checkpointed,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            checkpointed=self.layers_checkpointed(),
         ):  # fmt: skip
             # The layers and final norm replayed from CUDA graphs (training_graphs.py).
             hidden_states = training_graphs.run(
                 self, hidden_states, *position_embeddings, attention_mask_4d, padding_mask
             )
         else:
-            with kernels.norm_weights_prepared(self, hidden_states):
-                for layer in self.layers:
-                    hidden_states, weights = layer(
-                        hidden_states,
-                        position_embeddings=position_embeddings,
-                        attention_mask=attention_mask_4d,
-                        padding_mask=padding_mask,
-                        segments=segments,
-                        cache=cache if use_cache else None,
-                        position_ids=text_positions,
-                        mlp_output=pending,
-                        defer_mlp_output=defer,
-                        **kwargs,
-                    )
-                    if defer:
-                        hidden_states, pending = hidden_states
-                    if output_hidden_states:
-                        all_hidden_states += (hidden_states,)
-                    if output_attentions and layer.layer_type == FULL_ATTENTION:
-                        all_attentions += (weights,)
-                hidden_states = self.norm(pending, residual=hidden_states)[0] if defer else self.norm(hidden_states)
+            hidden_states = self.decoder_stack(
+                hidden_states,
+                position_embeddings,
+                on_layer=collect if output_hidden_states or output_attentions else None,
+                attention_mask=attention_mask_4d,
+                padding_mask=padding_mask,
+                segments=segments,
+                cache=cache if use_cache else None,
+                position_ids=text_positions,
+                **kwargs,
+            )
         if output_hidden_states:
-            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+            all_hidden_states = (*all_hidden_states[:-1], hidden_states)
         if use_cache and cache is not None:
             cache.seen_tokens += length
 
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states,
-            attentions=all_attentions,
+            attentions=tuple(all_attentions) if output_attentions else None,
             **{CACHE_FIELD: cache if use_cache else None},
         )
 

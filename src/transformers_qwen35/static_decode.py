@@ -225,14 +225,7 @@ def forward_block(model, cache: StaticHybridCache, ids: torch.Tensor, positions:
     hidden = text.embed_tokens(ids)
     position_embeddings = text.rotary_emb(hidden, positions)
     mask = cache.block_mask(ids.shape[1])
-    pending = None  # each layer's MLP output, added inside the next layer's first norm (see the decoder layer)
-    with kernels.norm_weights_prepared(text, hidden):
-        for layer in text.layers:
-            (hidden, pending), _ = layer(
-                hidden, position_embeddings=position_embeddings, attention_mask=mask, cache=cache,
-                mlp_output=pending, defer_mlp_output=True,
-            )  # fmt: skip
-        return text.norm(pending, residual=hidden)[0]
+    return text.decoder_stack(hidden, position_embeddings, attention_mask=mask, cache=cache)
 
 
 class GraphedBlock:

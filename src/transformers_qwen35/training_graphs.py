@@ -81,13 +81,9 @@ def _graphable(tensor: torch.Tensor) -> bool:
 
 
 def decoder_stack(text_model, hidden, cos, sin, attention_mask=None, padding_mask=None) -> torch.Tensor:
-    """The decoder layers and final norm over ``hidden`` without a cache (``attention_mask``: the ``(B, 1, T, T)``
-    boolean mask or None; ``padding_mask``: ``(B, T)``, True at real tokens, or None): what a graph captures."""
-    for layer in text_model.layers:
-        hidden, _ = layer(
-            hidden, position_embeddings=(cos, sin), attention_mask=attention_mask, padding_mask=padding_mask
-        )
-    return text_model.norm(hidden)
+    """``text_model.decoder_stack`` without a cache, its inputs in the order the graphs take them (``attention_mask``:
+    the ``(B, 1, T, T)`` boolean mask or None; ``padding_mask``: ``(B, T)``, True at real tokens, or None)."""
+    return text_model.decoder_stack(hidden, (cos, sin), attention_mask=attention_mask, padding_mask=padding_mask)
 
 
 class _ModelState:
