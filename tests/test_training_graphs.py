@@ -259,9 +259,8 @@ def test_batches_a_graph_cannot_replay_exactly_stay_eager(graphs_on_cpu, monkeyp
         model.config._attn_implementation = "flash_attention_2"
         hidden = model.model.embed_tokens(batch)
         assert not training_graphs.can_graph(
-            model.model, hidden, cache=None, segments=None, output_hidden_states=False, output_attentions=False,
-            checkpointed=False,
-        )  # fmt: skip
+            model.model, hidden, cache=None, segments=None, output_hidden_states=False, output_attentions=False
+        )
         return
     elif case == "packed":
         kwargs["position_ids"] = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, -1)

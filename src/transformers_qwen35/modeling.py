@@ -738,7 +738,6 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
         if training_graphs.can_graph(
             self, hidden_states, cache=cache if use_cache else None, segments=segments,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            checkpointed=self.layers_checkpointed(),
         ):  # fmt: skip
             # The layers and final norm replayed from CUDA graphs (training_graphs.py).
             hidden_states = training_graphs.run(

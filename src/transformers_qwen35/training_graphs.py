@@ -52,8 +52,7 @@ def training_graphs_enabled() -> bool:
     return os.environ.get(TRAINING_GRAPHS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def can_graph(text_model, hidden: torch.Tensor, *, cache, segments, output_hidden_states, output_attentions,
-              checkpointed) -> bool:  # fmt: skip
+def can_graph(text_model, hidden: torch.Tensor, *, cache, segments, output_hidden_states, output_attentions) -> bool:
     """Whether this forward of ``text_model`` (a ``Qwen3_5TextModel``) is one the graphs replay exactly."""
     if not (_graphable(hidden) and text_model.training and torch.is_grad_enabled() and training_graphs_enabled()):
         return False
@@ -63,7 +62,7 @@ def can_graph(text_model, hidden: torch.Tensor, *, cache, segments, output_hidde
         return False
     if "flash" in (text_model.config._attn_implementation or ""):
         return False
-    if output_hidden_states or output_attentions or checkpointed:
+    if output_hidden_states or output_attentions or text_model.layers_checkpointed():
         return False
     state = _STATES.get(text_model)
     if state is not None and state.disabled:
