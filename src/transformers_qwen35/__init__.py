@@ -6,6 +6,11 @@
 
 from .cache import Qwen3_5HybridCache
 from .chat_template import get_chat_template, thinking_default_for
+from .classification import (
+    Qwen3_5ForSequenceClassification,
+    Qwen3_5ForTokenClassification,
+    Qwen3_5TextForSequenceClassification,
+)
 from .configuration import Qwen3_5Config, Qwen3_5TextConfig, Qwen3_5VisionConfig
 from .lora import check_lora_targets, lora_target_modules, register_peft_defaults
 from .modeling import Qwen3_5ForCausalLM, Qwen3_5PreTrainedModel, Qwen3_5TextModel
@@ -30,6 +35,9 @@ __all__ = [
     "Qwen3_5TextModel",
     "Qwen3_5Model",
     "Qwen3_5ForConditionalGeneration",
+    "Qwen3_5ForSequenceClassification",
+    "Qwen3_5TextForSequenceClassification",
+    "Qwen3_5ForTokenClassification",
     "Qwen3_5VisionModel",
     "Qwen3_5PreTrainedModel",
     "Qwen3_5HybridCache",

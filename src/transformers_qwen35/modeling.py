@@ -367,6 +367,9 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
     _is_stateful = True
 
     carried_tensors: CarriedTensors | None = None
+    # Whether from_pretrained keeps the checkpoint tensors this class does not use (vision tower, MTP head) to write
+    # them back on save: yes for the language models, no for the classification heads.
+    carries_checkpoint_extras: bool = True
     # Positions per chunk of the chunked training loss (chunked_loss.py); None: as many as keep a chunk's fp32
     # logits within chunked_loss.CHUNK_ELEMENTS.
     loss_chunk_size: int | None = None
@@ -377,6 +380,8 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if not cls.carries_checkpoint_extras:
+            return model
         if model.config.model_type == "qwen3_5_text":
             # Vision tower, MTP head and composite config are not used here, but saving writes them back.
             model.carried_tensors = CarriedTensors.from_checkpoint(pretrained_model_name_or_path, kwargs)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+import types
 
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 from transformers.models.auto import modeling_auto
@@ -16,11 +18,17 @@ from transformers.utils import logging
 
 from .chat_template import get_chat_template, thinking_default_for
 from .checkpoint import read_checkpoint_json
+from .classification import (
+    Qwen3_5ForSequenceClassification,
+    Qwen3_5ForTokenClassification,
+    Qwen3_5TextForSequenceClassification,
+)
 from .configuration import Qwen3_5Config, Qwen3_5TextConfig, Qwen3_5VisionConfig
 from .lora import register_peft_defaults
-from .modeling import Qwen3_5ForCausalLM, Qwen3_5TextModel
+from .modeling import Qwen3_5ForCausalLM, Qwen3_5PreTrainedModel, Qwen3_5TextModel
 from .multimodal import Qwen3_5ForConditionalGeneration, Qwen3_5Model
 from .processing import Qwen3_5Processor
+from .vision import Qwen3_5VisionModel
 
 logger = logging.get_logger(__name__)
 
@@ -34,11 +42,66 @@ MODELS = [
     (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING, Qwen3_5TextConfig, Qwen3_5ForCausalLM),
     (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING, Qwen3_5Config, Qwen3_5ForCausalLM),
     (modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, Qwen3_5Config, Qwen3_5ForConditionalGeneration),
+    (modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, Qwen3_5Config, Qwen3_5ForSequenceClassification),
+    (modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, Qwen3_5TextConfig, Qwen3_5TextForSequenceClassification),
+    (modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING, Qwen3_5Config, Qwen3_5ForTokenClassification),
+    (modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING, Qwen3_5TextConfig, Qwen3_5ForTokenClassification),
 ]
 if hasattr(modeling_auto, "MODEL_FOR_MULTIMODAL_LM_MAPPING"):
     MODELS.append((modeling_auto.MODEL_FOR_MULTIMODAL_LM_MAPPING, Qwen3_5Config, Qwen3_5ForConditionalGeneration))
 
+# The names tools look up on the `transformers` module itself: TRL and `transformers serve` build a model with
+# `getattr(transformers, config.architectures[0])`, which the Auto* registrations never reach.
+TOP_LEVEL_NAMES = {
+    cls.__name__: cls
+    for cls in (
+        Qwen3_5Config,
+        Qwen3_5TextConfig,
+        Qwen3_5VisionConfig,
+        Qwen3_5PreTrainedModel,
+        Qwen3_5TextModel,
+        Qwen3_5Model,
+        Qwen3_5VisionModel,
+        Qwen3_5ForCausalLM,
+        Qwen3_5ForConditionalGeneration,
+        Qwen3_5ForSequenceClassification,
+        Qwen3_5TextForSequenceClassification,
+        Qwen3_5ForTokenClassification,
+        Qwen3_5Processor,
+    )
+}
+
 _done = False
+
+
+def _transformers_modules() -> list[types.ModuleType]:
+    """Every `transformers` top-level module object in the process.
+
+    There can be two: importing ``transformers.processing_utils`` executes ``transformers/__init__.py`` again, and
+    the new object replaces the first in ``sys.modules``, while modules imported earlier (a user's script, TRL) keep
+    the first under their ``transformers`` name. Both are found: the one in ``sys.modules`` and any other bound to
+    the name ``transformers`` in a loaded module.
+    """
+    found = {}
+    current = sys.modules.get("transformers")
+    if current is not None:
+        found[id(current)] = current
+    for module in list(sys.modules.values()):
+        bound = getattr(module, "__dict__", {}).get("transformers")
+        if isinstance(bound, types.ModuleType) and bound.__name__ == "transformers":
+            found.setdefault(id(bound), bound)
+    return list(found.values())
+
+
+def _publish_top_level_names() -> None:
+    """``transformers.Qwen3_5ForConditionalGeneration`` and the other names of TOP_LEVEL_NAMES: ours.
+
+    Set as plain attributes of each `transformers` module object, so the lazy lookup that would import built-in's
+    class never runs for them; ``transformers.models.qwen3_5`` keeps built-in's classes under the same names.
+    """
+    for module in _transformers_modules():
+        for name, value in TOP_LEVEL_NAMES.items():
+            setattr(module, name, value)
 
 
 def _register_checkpoint_renaming() -> None:
@@ -131,14 +194,16 @@ def register() -> None:
     for mapping, config_class, model_class in MODELS:
         mapping.register(config_class, model_class, exist_ok=True)
     AutoProcessor.register(Qwen3_5Config, Qwen3_5Processor, exist_ok=True)
+    _publish_top_level_names()
     _route_official_processors()
     _give_templateless_tokenizers_our_template()
     _register_checkpoint_renaming()
     register_peft_defaults()  # PEFT's default LoRA targets for qwen3_5 / qwen3_5_text (no-op without peft)
     if not _done:
         logger.info(
-            "transformers_qwen35: model types qwen3_5 and qwen3_5_text now load this package's classes "
-            "(AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor)."
+            "transformers_qwen35: model types qwen3_5 and qwen3_5_text now load this package's classes (AutoConfig, "
+            "AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification, "
+            "AutoModelForTokenClassification, AutoProcessor, and transformers.Qwen3_5* names)."
         )
     _done = True
 
