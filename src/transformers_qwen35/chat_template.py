@@ -15,6 +15,10 @@
   reasoning is empty); earlier ones lose their reasoning. Tool calls render as Qwen3-Coder style XML
   (``<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>\\n</function>\\n</tool_call>``).
 - Runs of ``tool`` messages merge into one user turn of ``<tool_response>`` blocks.
+- What each assistant turn says (after ``<|im_start|>assistant\\n``, through its ``<|im_end|>``) sits in a
+  ``{% generation %}`` block: ``apply_chat_template(..., return_assistant_tokens_mask=True, return_dict=True)`` marks
+  those tokens, exactly the ones :mod:`.training_data` labels, and TRL's ``assistant_only_loss=True`` accepts the
+  template. The markers change nothing in the rendered text.
 - The generation prompt ``<|im_start|>assistant\\n`` plus ``<think>\\n`` (thinking) or ``<think>\\n\\n</think>\\n\\n``
   (not thinking). The 0.8B/2B template thinks only when ``enable_thinking=True`` is passed; the 4B/9B template
   thinks unless ``enable_thinking=False`` is passed. That one test is the only difference between the two.
@@ -185,13 +189,14 @@ Reminder:
             {%- set content = content.split('</think>')[-1].lstrip('\n') %}
         {%- endif %}
         {%- set reasoning = reasoning | trim %}
-        {{- '<|im_start|>assistant\n' }}
         {#- Turns of the current request keep their reasoning, in a think block that is there even when empty;
             earlier turns are history and drop it. -#}
-        {%- if loop.index0 > request.start %}
-            {{- '<think>\n' ~ reasoning ~ '\n</think>\n\n' }}
-        {%- endif %}
-        {{- content }}
+        {%- set think = '<think>\n' ~ reasoning ~ '\n</think>\n\n' if loop.index0 > request.start else '' %}
+        {{- '<|im_start|>assistant\n' }}
+        {#- What the assistant wrote, through its <|im_end|> (what training_data.py labels): the span that
+            apply_chat_template(return_assistant_tokens_mask=True) marks, and TRL's assistant_only_loss trains. -#}
+        {%- generation %}
+        {{- think ~ content }}
         {%- if message.tool_calls and message.tool_calls is iterable and message.tool_calls is not mapping %}
             {%- for call in message.tool_calls %}
                 {#- OpenAI's {"type": "function", "function": {...}} wrapper or the flat {"name", "arguments"} form #}
@@ -220,7 +225,9 @@ Reminder:
                 {{- '</function>\n</tool_call>' }}
             {%- endfor %}
         {%- endif %}
-        {{- '<|im_end|>\n' }}
+        {{- '<|im_end|>' }}
+        {%- endgeneration %}
+        {{- '\n' }}
     {%- elif message.role == 'tool' %}
         {#- A run of tool results is one user turn. As in the official template, the turn is opened only after a
             non-tool message, so a tool message at index 0 gets no "<|im_start|>user" (a quirk kept on purpose). -#}
