@@ -14,6 +14,9 @@ only, and for them only wraps the real loader so that we hear when the module ha
   from there rather than from the top level activates the package when such a module is done, unless some
   transformers module is still half-imported at that moment (our import would then meet it half-built); the
   top-level lookup above is the route in that case.
+- ``transformers.processing_utils``: importing it executes ``transformers/__init__.py`` a second time and puts the new
+  module object in ``sys.modules``; that one is watched too. Registration sets the ``Qwen3_5*`` names on every
+  ``transformers`` module object seen, so code holding the first one (``import transformers`` at its top) is served.
 
 Activating is ``import transformers_qwen35``, whose ``register()`` points the Auto* factories, ``AutoProcessor``,
 ``AutoTokenizer``'s chat-template fallback, PEFT's LoRA defaults and the top-level ``transformers.Qwen3_5*`` names
@@ -27,7 +30,7 @@ too. An explicit ``import transformers_qwen35`` activates the package whatever t
 import os
 import sys
 
-__all__ = ["ENV", "activate", "enabled", "install"]
+__all__ = ["ENV", "activate", "enabled", "install", "seen_modules"]
 
 ENV = "TRANSFORMERS_QWEN35_AUTOLOAD"
 _OFF = ("0", "false", "no", "off")
@@ -45,8 +48,9 @@ _WATCHED = _AUTO_MODULES | {_TOP_LEVEL, _PROCESSING_UTILS}
 # "idle" until the first activation attempt; "busy" while importing the package; "done" afterwards (also after a
 # failed attempt, which warns once instead of failing again at every lookup).
 _state = "idle"
-# Every `transformers` module object given the activating __getattr__ (see _PROCESSING_UTILS for why there are two).
-_watched_modules = []
+# Every `transformers` module object seen (see _PROCESSING_UTILS for why there can be two): each is given the
+# activating __getattr__ until activation, and registration publishes the Qwen3_5* names on each.
+seen_modules = []
 
 
 def enabled() -> bool:
@@ -115,16 +119,15 @@ def _watch_top_level(module) -> None:
 
     WatchedTransformers.__name__ = base.__name__
     WatchedTransformers.__qualname__ = base.__qualname__
+    seen_modules.append(module)
     try:
         module.__class__ = WatchedTransformers
     except TypeError:  # a module type that refuses class assignment: the auto-module route still activates us
-        return
-    _watched_modules.append(module)
+        pass
 
 
 def _unwatch_top_level() -> None:
-    while _watched_modules:
-        module = _watched_modules.pop()
+    for module in seen_modules:
         if getattr(type(module), "_transformers_qwen35_watch", False):
             module.__class__ = type(module).__mro__[1]
 

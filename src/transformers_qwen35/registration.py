@@ -79,13 +79,15 @@ def _transformers_modules() -> list[types.ModuleType]:
 
     There can be two: importing ``transformers.processing_utils`` executes ``transformers/__init__.py`` again, and
     the new object replaces the first in ``sys.modules``, while modules imported earlier (a user's script, TRL) keep
-    the first under their ``transformers`` name. Both are found: the one in ``sys.modules`` and any other bound to
-    the name ``transformers`` in a loaded module.
+    the first under their ``transformers`` name (or another). Both are found: the one in ``sys.modules``, those the
+    activation hook saw (``transformers_qwen35_autoload.seen_modules``), and any bound to the name ``transformers``
+    in a loaded module.
     """
     found = {}
-    current = sys.modules.get("transformers")
-    if current is not None:
-        found[id(current)] = current
+    autoload = sys.modules.get("transformers_qwen35_autoload")
+    for module in [sys.modules.get("transformers"), *getattr(autoload, "seen_modules", ())]:
+        if module is not None:
+            found[id(module)] = module
     for module in list(sys.modules.values()):
         bound = getattr(module, "__dict__", {}).get("transformers")
         if isinstance(bound, types.ModuleType) and bound.__name__ == "transformers":
