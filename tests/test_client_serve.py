@@ -115,7 +115,7 @@ def server(tmp_path_factory):
     env["PYTHONPATH"] = os.pathsep.join(python_path)
     log = tmp_path_factory.mktemp("log") / "serve.log"
     command = [sys.executable, *SERVER, "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--device", "cpu", "--api-server-count", "1"]
+    command += ["--device", "cpu"]
     with open(log, "w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"

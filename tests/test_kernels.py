@@ -41,9 +41,13 @@ def test_chunked_and_recurrent_forms_match_builtin_reference(length, v_heads):
     chunk_out, chunk_state = chunk_gated_delta_rule(q, k, v, g, beta, state, output_final_state=True)
     step_out, step_state = recurrent_gated_delta_rule(q, k, v, g, beta, state, output_final_state=True)
     reference = inspect.unwrap(modeling_qwen3_5.torch_recurrent_gated_delta_rule)
+    # Key heads shared by groups of value heads, expanded as built-in's layer does (transformers < 5.2x's reference
+    # takes only expanded heads; later ones expand themselves, and equally).
+    group = v.shape[2] // q.shape[2]
     ref_out, ref_state = reference(
-        q, k, v, g=g, beta=beta, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True
-    )
+        q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2), v, g=g, beta=beta,
+        initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True,
+    )  # fmt: skip
     for out, final in ((chunk_out, chunk_state), (step_out, step_state)):
         assert relative_error(out, ref_out) < 1e-5
         assert relative_error(final, ref_state) < 1e-5

@@ -18,6 +18,12 @@ import transformers_qwen35  # noqa: F401  (registers the Qwen3.5 classes with th
 from transformers_qwen35.demo import build_demo_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parent.parent
+# transformers 5.24 renamed TrainingArguments' gradient_checkpointing to activation_checkpointing.
+CHECKPOINTING_ARGUMENT = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
 SPARK = "▁▂▃▄▅▆▇█"
 
 
@@ -91,7 +97,7 @@ def training_arguments(args: argparse.Namespace, **overrides) -> TrainingArgumen
         use_cpu=cpu,
         # fp32 master weights; bf16 autocast on GPUs that have it.
         bf16=not cpu and torch.cuda.is_bf16_supported(),
-        activation_checkpointing=not args.no_activation_checkpointing,
+        **{CHECKPOINTING_ARGUMENT: not args.no_activation_checkpointing},
         label_names=["labels"],  # PEFT wraps the model's forward, so the Trainer cannot find the name itself
         remove_unused_columns=False,  # keep image tensors and mm_token_type_ids
         dataloader_pin_memory=not cpu,

@@ -106,6 +106,17 @@ def _publish_top_level_names() -> None:
             setattr(module, name, value)
 
 
+def _use_the_qwen35_tokenizer_class() -> None:
+    """Official files name ``Qwen2Tokenizer``, whose pre-tokenizer differs from Qwen3.5's (combining marks split
+    differently). transformers >= 5.2x loads ``Qwen3_5Tokenizer`` for ``qwen3_5`` checkpoints whatever the files say;
+    older 5.x releases (5.16-5.22, the range vLLM accepts) take the files' word. Give those the newer rule."""
+    from transformers.models.auto import tokenization_auto
+
+    corrected = getattr(tokenization_auto, "MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS", None)
+    if isinstance(corrected, set) and "qwen3_5" in tokenization_auto.TOKENIZER_MAPPING_NAMES:
+        corrected.add("qwen3_5")
+
+
 def _register_checkpoint_renaming() -> None:
     """Give our classes the built-in rule that reads `model.language_model.*` into a text-only model.
 
@@ -199,6 +210,7 @@ def register() -> None:
     _publish_top_level_names()
     _route_official_processors()
     _give_templateless_tokenizers_our_template()
+    _use_the_qwen35_tokenizer_class()
     _register_checkpoint_renaming()
     register_peft_defaults()  # PEFT's default LoRA targets for qwen3_5 / qwen3_5_text (no-op without peft)
     if not _done:
