@@ -374,7 +374,7 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
     # logits within chunked_loss.CHUNK_ELEMENTS.
     loss_chunk_size: int | None = None
     # What forward's skip_logits=None means in training with labels. Set False for a trainer that reads
-    # outputs.logits in training (TRL's SFTTrainer without Liger logs entropy and token accuracy from them).
+    # outputs.logits in training. (TRL 1.16's SFTTrainer computes its loss from the hidden states itself.)
     skip_logits_in_training: bool = True
 
     @classmethod
