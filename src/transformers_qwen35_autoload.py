@@ -27,6 +27,7 @@ and again at the moment of activation, so setting it in ``os.environ`` before th
 too. An explicit ``import transformers_qwen35`` activates the package whatever the variable says.
 """
 
+import _thread
 import os
 import sys
 
@@ -48,6 +49,11 @@ _WATCHED = _AUTO_MODULES | {_TOP_LEVEL, _PROCESSING_UTILS}
 # "idle" until the first activation attempt; "busy" while importing the package; "done" afterwards (also after a
 # failed attempt, which warns once instead of failing again at every lookup).
 _state = "idle"
+# Another thread that looks up a factory while one thread activates waits for it, so it never gets built-in's classes
+# half-way through. Re-entrant: the activating thread's own lookups pass. Bounded: a thread that holds an import lock
+# the activation needs (importing PEFT, say) must not deadlock with it; after the wait it goes on, with a warning.
+_activation_lock = _thread.RLock()
+ACTIVATION_WAIT_S = 60
 # Every `transformers` module object seen (see _PROCESSING_UTILS for why there can be two): each is given the
 # activating __getattr__ until activation, and registration publishes the Qwen3_5* names on each.
 seen_modules = []
@@ -66,27 +72,38 @@ def _leads_to_qwen35(name: str) -> bool:
 def activate() -> None:
     """Import ``transformers_qwen35`` (which registers it), once; a failure is a warning, never an import error."""
     global _state
-    if _state != "idle" or not enabled():
+    if _state == "done" or not enabled():
         return
-    if "transformers_qwen35" in sys.modules:  # imported explicitly (perhaps still importing): it registers itself
-        _state = "done"
+    if not _activation_lock.acquire(timeout=ACTIVATION_WAIT_S):
+        _warn(f"another thread has been activating transformers_qwen35 for {ACTIVATION_WAIT_S} s; this lookup goes on "
+              "without waiting and may get transformers' built-in Qwen3.5 classes.")  # fmt: skip
         return
-    _state = "busy"
     try:
-        import transformers_qwen35  # noqa: F401  (registers on import)
-    except Exception as error:  # a broken install must not break every program that imports transformers
-        import warnings
-
-        warnings.warn(
-            f"transformers_qwen35 could not be activated ({type(error).__name__}: {error}); transformers' built-in "
-            f"Qwen3.5 classes are in use. `import transformers_qwen35` shows the full error; {ENV}=0 turns "
-            "activation on install off.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        if _state != "idle":  # "busy": this thread's own lookups while it imports the package; "done": finished
+            return
+        if "transformers_qwen35" in sys.modules:  # imported explicitly (perhaps still importing): registers itself
+            _state = "done"
+            return
+        _state = "busy"
+        try:
+            import transformers_qwen35  # noqa: F401  (registers on import)
+        except Exception as error:  # a broken install must not break every program that imports transformers
+            _warn(
+                f"transformers_qwen35 could not be activated ({type(error).__name__}: {error}); transformers' "
+                f"built-in Qwen3.5 classes are in use. `import transformers_qwen35` shows the full error; {ENV}=0 "
+                "turns activation on install off."
+            )
+        finally:
+            _state = "done"
+        _unwatch_top_level()
     finally:
-        _state = "done"
-    _unwatch_top_level()
+        _activation_lock.release()
+
+
+def _warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _transformers_half_imported(except_name: str) -> bool:
@@ -135,12 +152,15 @@ def _unwatch_top_level() -> None:
 def _after_import(name: str) -> None:
     if _state != "idle" or not enabled():
         return
-    if name in (_TOP_LEVEL, _PROCESSING_UTILS):
-        module = sys.modules.get(_TOP_LEVEL)  # transformers replaces itself in sys.modules with its lazy module
-        if module is not None:
-            _watch_top_level(module)
-    elif not _transformers_half_imported(name):
-        activate()
+    try:
+        if name in (_TOP_LEVEL, _PROCESSING_UTILS):
+            module = sys.modules.get(_TOP_LEVEL)  # transformers replaces itself in sys.modules with its lazy module
+            if module is not None:
+                _watch_top_level(module)
+        elif not _transformers_half_imported(name):
+            activate()
+    except Exception as error:  # the import of transformers itself must never fail because of this hook
+        _warn(f"transformers_qwen35's activation hook failed ({type(error).__name__}: {error}); {ENV}=0 turns it off.")
 
 
 class _NotifyingLoader:

@@ -167,3 +167,31 @@ def test_builtin_reference_modules_are_untouched():
         print(json.dumps([c.__module__ for c in (Qwen3_5ForCausalLM, Qwen3_5Config, Qwen3_5ForConditionalGeneration)]))
     """)
     assert all(module.startswith(BUILTIN) for module in found), found
+
+
+def test_threads_that_look_up_a_factory_together_all_get_our_classes():
+    """One thread activates; the others wait for it rather than get built-in's classes half-way through."""
+    found = run_fresh("""
+        import json, threading
+        from transformers_qwen35_autoload import _activation_lock
+
+        config = {"model_type": "qwen3_5_text", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 37,
+                  "num_hidden_layers": 2, "layer_types": ["linear_attention", "full_attention"],
+                  "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "linear_key_head_dim": 8,
+                  "linear_value_head_dim": 8, "linear_num_key_heads": 2, "linear_num_value_heads": 2}
+        start, built = threading.Barrier(4), []
+
+        def load():
+            start.wait()
+            from transformers import AutoConfig, AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+            built.append(type(model).__module__)
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        print(json.dumps(built))
+    """)
+    assert found == [OURS + ".modeling"] * 4
