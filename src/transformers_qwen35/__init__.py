@@ -1,7 +1,9 @@
 """Qwen3.5 (0.8B / 2B / 4B / 9B) for Hugging Face transformers.
 
 ``import transformers_qwen35`` registers this package's classes for the official model types, so
-``AutoModelForCausalLM.from_pretrained("Qwen/Qwen3.5-0.8B")`` builds them.
+``AutoModelForCausalLM.from_pretrained("Qwen/Qwen3.5-0.8B")`` builds them. Installed, the package is also activated
+without that import, in any process that looks up a transformers factory (``transformers_qwen35_autoload``;
+``TRANSFORMERS_QWEN35_AUTOLOAD=0`` turns that off; docs/ecosystem.md).
 """
 
 from .cache import Qwen3_5HybridCache

@@ -89,7 +89,10 @@ def _transformers_modules() -> list[types.ModuleType]:
         if module is not None:
             found[id(module)] = module
     for module in list(sys.modules.values()):
-        bound = getattr(module, "__dict__", {}).get("transformers")
+        try:
+            bound = vars(module).get("transformers")
+        except Exception:  # entries that are not modules (None markers, odd objects)
+            continue
         if isinstance(bound, types.ModuleType) and bound.__name__ == "transformers":
             found.setdefault(id(bound), bound)
     return list(found.values())
