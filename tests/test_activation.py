@@ -170,10 +170,15 @@ def test_builtin_reference_modules_are_untouched():
 
 
 def test_threads_that_look_up_a_factory_together_all_get_our_classes():
-    """One thread activates; the others wait for it rather than get built-in's classes half-way through."""
+    """One thread activates; the others wait for it rather than get built-in's classes half-way through.
+
+    transformers' own lazy imports are not thread-safe on first use (concurrent first `from transformers import
+    AutoConfig` raise ImportError now and then, with or without this package), so the process settles them first with
+    names that do not activate us."""
     found = run_fresh("""
-        import json, threading
-        from transformers_qwen35_autoload import _activation_lock
+        import json, sys, threading
+        from transformers import GenerationMixin, PreTrainedModel, ProcessorMixin
+        assert "transformers_qwen35" not in sys.modules
 
         config = {"model_type": "qwen3_5_text", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 37,
                   "num_hidden_layers": 2, "layer_types": ["linear_attention", "full_attention"],
