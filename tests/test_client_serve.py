@@ -101,10 +101,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    checkpoint = scripted_checkpoint(
+def checkpoint(tmp_path_factory):
+    return scripted_checkpoint(
         tmp_path_factory.mktemp("scripted"), {NEWLINE: REASONING + "</think>" + TOOL_CALL, BLANK_LINE: ANSWER}
     )
+
+
+# transformers serve's two ways of generating: generate() per request, and --continuous-batching.
+@pytest.fixture(scope="module", params=[[], ["--continuous-batching"]], ids=["generate", "continuous-batching"])
+def server(request, checkpoint, tmp_path_factory):
     port = free_port()
     served_by = tmp_path_factory.mktemp("served")
     observer = tmp_path_factory.mktemp("observer")
@@ -115,7 +120,7 @@ def server(tmp_path_factory):
     env["PYTHONPATH"] = os.pathsep.join(python_path)
     log = tmp_path_factory.mktemp("log") / "serve.log"
     command = [sys.executable, *SERVER, "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--device", "cpu"]
+    command += ["--device", "cpu", *request.param]
     with open(log, "w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
