@@ -30,6 +30,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.generic import can_return_tuple
 
 from . import kernels, training_graphs
 from .cache import Qwen3_5HybridCache
@@ -379,19 +380,25 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        if not cls.carries_checkpoint_extras:
-            return model
-        if model.config.model_type == "qwen3_5_text":
-            # Vision tower, MTP head and composite config are not used here, but saving writes them back.
-            model.carried_tensors = CarriedTensors.from_checkpoint(pretrained_model_name_or_path, kwargs)
-        else:
-            model.carried_tensors = CarriedTensors.from_checkpoint(
-                pretrained_model_name_or_path, kwargs, prefixes=("mtp.",), text_only=False
-            )
-        if getattr(model, "generation_config", None) is not None and model.generation_config._from_model_config:
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # (model, loading info) with output_loading_info=True
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # With no path (weights given as state_dict=) there are no checkpoint files to carry.
+        if cls.carries_checkpoint_extras and pretrained_model_name_or_path is not None:
+            if model.config.model_type == "qwen3_5_text":
+                # Vision tower, MTP head and composite config are not used here, but saving writes them back.
+                model.carried_tensors = CarriedTensors.from_checkpoint(pretrained_model_name_or_path, kwargs)
+            else:
+                model.carried_tensors = CarriedTensors.from_checkpoint(
+                    pretrained_model_name_or_path, kwargs, prefixes=("mtp.",), text_only=False
+                )
+        if (
+            cls.carries_checkpoint_extras
+            and getattr(model, "generation_config", None) is not None
+            and model.generation_config._from_model_config
+        ):
             _use_recommended_sampling(model)
-        return model
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
@@ -655,6 +662,7 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
             return False
         return use_cache
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -797,6 +805,7 @@ class Qwen3_5ForCausalLM(Qwen3_5PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -825,6 +834,7 @@ class Qwen3_5ForCausalLM(Qwen3_5PreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             cache=cache,
+            return_dict=True,
             **kwargs,
         )
         return self._head_output(outputs, labels, logits_to_keep, self.config.vocab_size, kwargs, skip_logits)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils.generic import can_return_tuple
 
 from .cache import Qwen3_5HybridCache
 from .configuration import Qwen3_5Config
@@ -58,6 +59,7 @@ class Qwen3_5Model(Qwen3_5PreTrainedModel):
         sizes = (grid_thw.prod(-1) // self.config.vision_config.spatial_merge_size**2).tolist()
         return list(features.split(sizes))
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -112,6 +114,7 @@ class Qwen3_5Model(Qwen3_5PreTrainedModel):
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
 
@@ -231,6 +234,7 @@ class Qwen3_5ForConditionalGeneration(Qwen3_5PreTrainedModel, GenerationMixin):
     def get_video_features(self, pixel_values_videos, video_grid_thw):
         return self.model.get_video_features(pixel_values_videos, video_grid_thw)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -269,6 +273,7 @@ class Qwen3_5ForConditionalGeneration(Qwen3_5PreTrainedModel, GenerationMixin):
             video_grid_thw=video_grid_thw,
             mm_token_type_ids=mm_token_type_ids,
             cache=cache,
+            return_dict=True,
             **kwargs,
         )
         return self._head_output(
