@@ -71,3 +71,61 @@ def test_return_dict_false_gives_a_tuple_with_the_same_values(kind):
     with torch.no_grad():
         assert type(model(IDS)) is tuple
         assert isinstance(model(IDS, return_dict=True), ModelOutput)
+
+
+@pytest.mark.parametrize("selection", [[0, -1], 2, [1, 3, 99], []])
+def test_output_hidden_states_selects_layers_as_transformers_does(kind, selection):
+    """An int or a list picks hidden states by index (negative from the end); the others are None in place."""
+    model = build(kind)
+    with torch.no_grad():
+        every = model(IDS, output_hidden_states=True).hidden_states
+        chosen = model(IDS, output_hidden_states=selection).hidden_states
+    if selection == []:
+        assert chosen is None
+        return
+    wanted = {index % len(every) for index in ([selection] if isinstance(selection, int) else selection)
+              if -len(every) <= index < len(every)}  # fmt: skip
+    assert len(chosen) == len(every) == 5  # embeddings + 4 layers
+    for index, (all_state, state) in enumerate(zip(every, chosen)):
+        if index in wanted:
+            assert torch.equal(state, all_state), index
+        else:
+            assert state is None, index
+
+
+def test_output_hidden_states_selection_matches_builtin():
+    from conftest import build_pair, relative_error
+
+    output_capturing = pytest.importorskip("transformers.utils.output_capturing")
+    if not hasattr(output_capturing, "selected_hidden_states"):
+        pytest.skip("this transformers release has no hidden-state selection")
+    ours, native = build_pair()
+    with torch.no_grad():
+        mine = ours(IDS, output_hidden_states=[0, 2, -1]).hidden_states
+        theirs = native(IDS, output_hidden_states=[0, 2, -1]).hidden_states
+    assert [state is None for state in mine] == [state is None for state in theirs]
+    for state, reference in zip(mine, theirs):
+        if reference is not None:
+            assert relative_error(state, reference) < 1e-5
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("kind", ["causal-lm", "vl-generation"])
+def test_parallel_plans_equal_builtin(kind, tied):
+    """The tensor-parallel plan (lm_head included, so a tied head is split as its embedding is) and the
+    pipeline plan are built-in's."""
+    from transformers.models.qwen3_5 import configuration_qwen3_5, modeling_qwen3_5
+
+    if kind == "causal-lm":
+        kwargs = tiny_text_kwargs(tie_word_embeddings=tied)
+        ours = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**kwargs))
+        native = modeling_qwen3_5.Qwen3_5ForCausalLM(configuration_qwen3_5.Qwen3_5TextConfig(**kwargs))
+    else:
+        kwargs = tiny_composite_dict(tie_word_embeddings=tied)
+        ours = Qwen3_5ForConditionalGeneration(Qwen3_5Config(**kwargs))
+        native = modeling_qwen3_5.Qwen3_5ForConditionalGeneration(configuration_qwen3_5.Qwen3_5Config(**kwargs))
+    plan = dict(ours.tp_plan)
+    # transformers 5.16's composite model has no lm_head entry (fixed later); ours has it on every version
+    assert plan.pop("lm_head") == native.tp_plan.get("lm_head", "colwise_gather_output")
+    assert plan == {name: style for name, style in native.tp_plan.items() if name != "lm_head"}
+    assert ours.pp_plan == native.pp_plan

@@ -599,6 +599,17 @@ def _attention_mask(key_valid, segments, batch, length, past, device, needs_caus
     return allowed[:, None]
 
 
+def hidden_state_selection(output_hidden_states, count: int) -> set[int] | None:
+    """The hidden states ``output_hidden_states`` selects, as transformers 5.2x reads it: a flag (bool or None) selects
+    all (None here); an int or a list of ints selects those indices of the ``count`` states (embeddings, then each
+    layer), negative ones counted from the end, out-of-range ones selecting nothing. Unselected states are returned as
+    None in their places."""
+    if output_hidden_states is None or isinstance(output_hidden_states, bool):
+        return None
+    chosen = [output_hidden_states] if isinstance(output_hidden_states, int) else list(output_hidden_states)
+    return {index % count for index in chosen if -count <= index < count}
+
+
 class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
     config: Qwen3_5TextConfig
     config_class = Qwen3_5TextConfig
@@ -684,6 +695,8 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        selected_layers = hidden_state_selection(output_hidden_states, self.config.num_hidden_layers + 1)
+        output_hidden_states = bool(output_hidden_states)
         use_cache = self.resolve_use_cache(use_cache)
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, Qwen3_5HybridCache):
@@ -770,6 +783,10 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
             )
         if output_hidden_states:
             all_hidden_states = (*all_hidden_states[:-1], hidden_states)
+            if selected_layers is not None:
+                all_hidden_states = tuple(
+                    state if index in selected_layers else None for index, state in enumerate(all_hidden_states)
+                )
         if use_cache and cache is not None:
             cache.seen_tokens += length
 
@@ -781,9 +798,16 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
         )
 
 
+# Tensor / pipeline parallel plans of the LM heads, as built-in's (the decoder's are in the config classes).
+LM_HEAD_TP_PLAN = {"lm_head": "colwise_gather_output"}
+LM_HEAD_PP_PLAN = {"lm_head": (["hidden_states"], ["logits"])}
+
+
 class Qwen3_5ForCausalLM(Qwen3_5PreTrainedModel, GenerationMixin):
     config: Qwen3_5TextConfig
     config_class = Qwen3_5TextConfig
+    _tp_plan = LM_HEAD_TP_PLAN
+    _pp_plan = LM_HEAD_PP_PLAN
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: Qwen3_5TextConfig):

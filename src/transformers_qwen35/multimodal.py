@@ -19,7 +19,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .cache import Qwen3_5HybridCache
 from .configuration import Qwen3_5Config
-from .modeling import Qwen3_5PreTrainedModel, Qwen3_5TextModel
+from .modeling import LM_HEAD_TP_PLAN, Qwen3_5PreTrainedModel, Qwen3_5TextModel
 from .multimodal_positions import IMAGE, TEXT, VIDEO, rope_positions, token_types
 from .vision import Qwen3_5VisionModel, validate_grids
 
@@ -207,6 +207,7 @@ def _check_pixels(pixels, grids, vision_config, what):
 class Qwen3_5ForConditionalGeneration(Qwen3_5PreTrainedModel, GenerationMixin):
     config: Qwen3_5Config
     config_class = Qwen3_5Config
+    _tp_plan = LM_HEAD_TP_PLAN
     _keys_to_ignore_on_load_unexpected = [r"^mtp\."]
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
