@@ -129,3 +129,23 @@ def test_parallel_plans_equal_builtin(kind, tied):
     assert plan.pop("lm_head") == native.tp_plan.get("lm_head", "colwise_gather_output")
     assert plan == {name: style for name, style in native.tp_plan.items() if name != "lm_head"}
     assert ours.pp_plan == native.pp_plan
+
+
+def test_fp32_strict_parameters_stay_fp32_under_every_constructor(kind, tmp_path):
+    """A_log and the DeltaNet output norm stay fp32 in a bf16 model built by from_pretrained, _from_config and the
+    Auto factories' from_config (built-in casts them under _from_config); everything else is bf16."""
+    from transformers import AutoModel
+
+    cls, config = MODELS[kind]
+    build(kind).save_pretrained(tmp_path)
+    models = {
+        "from_pretrained": cls.from_pretrained(tmp_path, dtype=torch.bfloat16),
+        "_from_config": cls._from_config(config(), dtype=torch.bfloat16),
+    }
+    if kind in ("text-model", "vl-model"):
+        models["AutoModel.from_config"] = AutoModel.from_config(config(), dtype=torch.bfloat16)
+    for how, model in models.items():
+        strict = {name for name, _ in model.named_parameters() if "A_log" in name or "linear_attn.norm" in name}
+        assert strict, how
+        for name, parameter in model.named_parameters():
+            assert parameter.dtype == (torch.float32 if name in strict else torch.bfloat16), (how, name)

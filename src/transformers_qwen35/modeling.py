@@ -400,6 +400,21 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
             _use_recommended_sampling(model)
         return loaded
 
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        # from_pretrained keeps the fp32-strict parameters in fp32 under any dtype; transformers' _from_config
+        # (AutoModel*.from_config(..., dtype=...)) casts everything, so do here what from_pretrained does.
+        model = super()._from_config(config, **kwargs)
+        model.keep_strict_fp32_parameters()
+        return model
+
+    def keep_strict_fp32_parameters(self) -> None:
+        """Parameters named by ``_keep_in_fp32_modules_strict`` (``A_log``, the DeltaNet output norm) back to fp32."""
+        strict = self._keep_in_fp32_modules_strict or []
+        for name, parameter in self.named_parameters():
+            if parameter.is_floating_point() and parameter.dtype != torch.float32 and any(s in name for s in strict):
+                parameter.data = parameter.data.float()
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
         is_main = kwargs.get("is_main_process", True)
