@@ -33,7 +33,11 @@ def test_compare_native_measures_every_phase_and_checks_the_logits(tmp_path):
     summary = json.loads(stdout.strip().splitlines()[-1])  # the last line is the JSON of ratios
     assert summary["complete"] is True
     assert set(summary["ratios"]) == {"prefill_1x64", "decode_b1_p16_n3", "train_1x32"}
-    assert all(ratio > 0 for ratio in summary["ratios"].values())
+    # A decode step is timed as (3-token call - 1-token call) / 2 from one repeat: on a loaded machine (the suite runs
+    # TRL and a server beside this) that difference can come out <= 0, and the script then reports no ratio rather
+    # than a wrong one. The values are not the test's business (no timing thresholds in tests); that they exist is.
+    assert all(ratio is None or ratio > 0 for ratio in summary["ratios"].values())
+    assert summary["ratios"]["prefill_1x64"] is not None and summary["ratios"]["train_1x32"] is not None
     assert summary["logits_relative_error"]["max"] < 1e-4  # fp32, identical weights
     assert summary["decode_same_tokens"] == {"b1 p16 n3": True}
     assert json.loads(out.read_text())["ratios"] == summary["ratios"]
