@@ -149,3 +149,25 @@ def test_fp32_strict_parameters_stay_fp32_under_every_constructor(kind, tmp_path
         assert strict, how
         for name, parameter in model.named_parameters():
             assert parameter.dtype == (torch.float32 if name in strict else torch.bfloat16), (how, name)
+
+
+@pytest.mark.parametrize("kind", ["causal-lm", "vl-generation"])
+def test_set_attn_implementation_switches_the_running_model(kind):
+    """transformers decides from the module source whether a model can switch; ours can, and then runs the other
+    implementation: eager returns attention weights, sdpa none, with the same logits."""
+    cls, config = MODELS[kind]
+    built = config()
+    built._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = cls._from_config(built, attn_implementation="sdpa").eval()
+    assert cls._can_set_attn_implementation()
+    with torch.no_grad():
+        sdpa = model(IDS, output_attentions=True)
+    model.set_attn_implementation("eager")
+    text_config = model.config.get_text_config()
+    assert text_config._attn_implementation == "eager"
+    with torch.no_grad():
+        eager = model(IDS, output_attentions=True)
+    assert all(weights is None for weights in sdpa.attentions)
+    assert all(weights is not None for weights in eager.attentions) and len(eager.attentions) == 2
+    assert torch.allclose(eager.logits, sdpa.logits, atol=1e-5, rtol=1e-5)

@@ -204,7 +204,13 @@ class Qwen3_5Attention(nn.Module):
             key, value = cache.update(key, value, self.layer_idx)
 
         implementation = self.config._attn_implementation or "eager"
-        attend = eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        # get_interface (not indexing) also tells transformers that set_attn_implementation() may switch this model:
+        # it looks for the call in the module source.
+        attend = (
+            eager_attention
+            if implementation == "eager"
+            else ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
+        )
         output, weights = attend(
             self,
             query,

@@ -112,7 +112,7 @@ class Qwen3_5VisionAttention(nn.Module):
 
         implementation = self.config._attn_implementation or "sdpa"
         if "flash" in implementation:
-            attend = ALL_ATTENTION_FUNCTIONS[implementation]
+            attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, None)
             out, _ = attend(
                 self, q, k, v, None, scaling=self.scaling, dropout=0.0, is_causal=False,
                 cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_length, max_length_k=max_length,
