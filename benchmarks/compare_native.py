@@ -194,8 +194,8 @@ def our_kernel_path(device: torch.device) -> str:
 def build_ours(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, attn: str = "sdpa",
                vocab: int | None = None):  # fmt: skip
     """Our model with random weights, eval mode, on ``device`` in ``dtype``; ``vocab`` replaces the config's
-    vocabulary size. ``A_log`` and ``linear_attn.norm.weight`` are drawn in ``dtype`` and then widened to fp32 (as
-    ``from_pretrained`` keeps them), exactly."""
+    vocabulary size. ``A_log`` and ``linear_attn.norm.weight`` are drawn in ``dtype`` and then widened to fp32 by
+    ``_from_config`` (as ``from_pretrained`` keeps them), exactly."""
     import transformers_qwen35
 
     config = text_config_dict(size)
@@ -206,10 +206,6 @@ def build_ours(size: str, device: torch.device, dtype: torch.dtype, seed: int = 
         ours = transformers_qwen35.Qwen3_5ForCausalLM._from_config(
             transformers_qwen35.Qwen3_5TextConfig(**config), dtype=dtype, attn_implementation=attn
         )
-    keep_fp32 = tuple(getattr(ours, "_keep_in_fp32_modules_strict", None) or ())
-    for name, param in ours.named_parameters():
-        if any(pattern in name for pattern in keep_fp32):
-            param.data = param.data.float()
     if any(p.device.type != device.type for p in ours.parameters()):
         ours.to(device)
     return ours.eval()

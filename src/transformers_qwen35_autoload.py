@@ -2,7 +2,8 @@
 
 ``pip install transformers-qwen35`` puts ``transformers_qwen35_autoload.pth`` into site-packages. Python's ``site``
 runs its one line at every interpreter start, and that line imports this module, so this module must stay tiny and
-free of imports: it adds one finder to ``sys.meta_path`` and nothing else. The finder answers for a few module names
+import nothing that is not loaded at start-up anyway (``os``, ``sys``, ``_thread``): it adds one finder to
+``sys.meta_path`` and nothing else. The finder answers for a few module names
 only, and for them only wraps the real loader so that we hear when the module has finished executing:
 
 - ``transformers``: its top-level module (a lazy module) is given a ``__getattr__`` that activates the package the

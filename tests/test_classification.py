@@ -25,7 +25,7 @@ from transformers.models.qwen3_5 import configuration_qwen3_5, modeling_qwen3_5
 import transformers_qwen35
 from transformers_qwen35 import Qwen3_5Config, Qwen3_5TextConfig
 
-# (our class, built-in class, built-in backbone, composite config?)
+# (class name, in ours and in built-in; built-in backbone class; composite config?)
 HEADS = {
     "text-sequence": ("Qwen3_5TextForSequenceClassification", "Qwen3_5TextModel", False),
     "sequence": ("Qwen3_5ForSequenceClassification", "Qwen3_5Model", True),

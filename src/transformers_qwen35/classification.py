@@ -31,45 +31,39 @@ __all__ = [
     "Qwen3_5TextForSequenceClassification",
 ]
 
-# What a causal-LM checkpoint holds that a classifier does not use.
-_UNUSED_LM_TENSORS = [r"^lm_head\.", r"^mtp\."]
 
-
-def _backbone(config) -> nn.Module:
-    return Qwen3_5Model(config) if isinstance(config, Qwen3_5Config) else Qwen3_5TextModel(config)
-
-
-class _ClassifierLoading:
-    """Loading and saving rules shared by the heads: no carried MTP / vision tensors, unused LM tensors dropped."""
+class _Qwen3_5Classifier(Qwen3_5PreTrainedModel):
+    """What the heads share: our backbone, built directly; loaded from a causal-LM checkpoint, the tensors a
+    classifier does not use (``lm_head``, the MTP head; the vision tower under a text config) are dropped quietly and
+    nothing is carried to be written back on save."""
 
     carries_checkpoint_extras = False
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^mtp\.", r"^model\.visual\."]
+
+    def _build_backbone(self, config) -> None:
+        # Instead of transformers' Generic*.__init__, which builds the backbone through AutoModel.
+        Qwen3_5PreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = Qwen3_5Model(config) if isinstance(config, Qwen3_5Config) else Qwen3_5TextModel(config)
 
 
-class Qwen3_5TextForSequenceClassification(
-    _ClassifierLoading, GenericForSequenceClassification, Qwen3_5PreTrainedModel
-):
+class Qwen3_5TextForSequenceClassification(GenericForSequenceClassification, _Qwen3_5Classifier):
     config: Qwen3_5TextConfig
     config_class = Qwen3_5TextConfig
     input_modalities = ("text",)
-    _keys_to_ignore_on_load_unexpected = [*_UNUSED_LM_TENSORS, r"^model\.visual\."]
 
     def __init__(self, config: Qwen3_5TextConfig):
-        Qwen3_5PreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.model = _backbone(config)
+        self._build_backbone(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
 
-class Qwen3_5ForSequenceClassification(_ClassifierLoading, GenericForSequenceClassification, Qwen3_5PreTrainedModel):
+class Qwen3_5ForSequenceClassification(GenericForSequenceClassification, _Qwen3_5Classifier):
     config: Qwen3_5Config
     config_class = Qwen3_5Config
-    _keys_to_ignore_on_load_unexpected = _UNUSED_LM_TENSORS
 
     def __init__(self, config: Qwen3_5Config):
-        Qwen3_5PreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.model = _backbone(config)
+        self._build_backbone(config)
         self.score = nn.Linear(config.get_text_config().hidden_size, config.num_labels, bias=False)
         self.post_init()
 
@@ -89,15 +83,8 @@ class Qwen3_5ForSequenceClassification(_ClassifierLoading, GenericForSequenceCla
         mm_token_type_ids=None,
         **kwargs,
     ):
-        # The image and video inputs are named here so that Trainer's column filter (which reads this signature)
-        # keeps them; they reach the backbone through transformers' forward.
-        media = {
-            "pixel_values": pixel_values,
-            "pixel_values_videos": pixel_values_videos,
-            "image_grid_thw": image_grid_thw,
-            "video_grid_thw": video_grid_thw,
-            "mm_token_type_ids": mm_token_type_ids,
-        }
+        # Spelled out (built-in's order, the cache fourth) so that Trainer's column filter, which reads this
+        # signature, keeps the image and video inputs; transformers' forward hands them to the backbone.
         if past_key_values is not None:
             kwargs["past_key_values"] = past_key_values
         return super().forward(
@@ -107,20 +94,21 @@ class Qwen3_5ForSequenceClassification(_ClassifierLoading, GenericForSequenceCla
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
-            **{name: value for name, value in media.items() if value is not None},
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
             **kwargs,
         )
 
 
-class Qwen3_5ForTokenClassification(_ClassifierLoading, GenericForTokenClassification, Qwen3_5PreTrainedModel):
+class Qwen3_5ForTokenClassification(GenericForTokenClassification, _Qwen3_5Classifier):
     config: Qwen3_5Config
     config_class = Qwen3_5Config
-    _keys_to_ignore_on_load_unexpected = [*_UNUSED_LM_TENSORS, r"^model\.visual\."]  # the last for text configs
 
     def __init__(self, config: Qwen3_5Config | Qwen3_5TextConfig):
-        Qwen3_5PreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.model = _backbone(config)
+        self._build_backbone(config)
         if getattr(config, "classifier_dropout", None) is not None:
             dropout = config.classifier_dropout
         elif getattr(config, "hidden_dropout", None) is not None:

@@ -387,10 +387,11 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        # (model, loading info) with output_loading_info=True
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) with output_loading_info
+        if not cls.carries_checkpoint_extras:
+            return loaded
         # With no path (weights given as state_dict=) there are no checkpoint files to carry.
-        if cls.carries_checkpoint_extras and pretrained_model_name_or_path is not None:
+        if pretrained_model_name_or_path is not None:
             if model.config.model_type == "qwen3_5_text":
                 # Vision tower, MTP head and composite config are not used here, but saving writes them back.
                 model.carried_tensors = CarriedTensors.from_checkpoint(pretrained_model_name_or_path, kwargs)
@@ -398,28 +399,19 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
                 model.carried_tensors = CarriedTensors.from_checkpoint(
                     pretrained_model_name_or_path, kwargs, prefixes=("mtp.",), text_only=False
                 )
-        if (
-            cls.carries_checkpoint_extras
-            and getattr(model, "generation_config", None) is not None
-            and model.generation_config._from_model_config
-        ):
+        if getattr(model, "generation_config", None) is not None and model.generation_config._from_model_config:
             _use_recommended_sampling(model)
         return loaded
 
     @classmethod
     def _from_config(cls, config, **kwargs):
         # from_pretrained keeps the fp32-strict parameters in fp32 under any dtype; transformers' _from_config
-        # (AutoModel*.from_config(..., dtype=...)) casts everything, so do here what from_pretrained does.
+        # (AutoModel*.from_config(..., dtype=...)) casts everything, so widen them back here.
         model = super()._from_config(config, **kwargs)
-        model.keep_strict_fp32_parameters()
-        return model
-
-    def keep_strict_fp32_parameters(self) -> None:
-        """Parameters named by ``_keep_in_fp32_modules_strict`` (``A_log``, the DeltaNet output norm) back to fp32."""
-        strict = self._keep_in_fp32_modules_strict or []
-        for name, parameter in self.named_parameters():
-            if parameter.is_floating_point() and parameter.dtype != torch.float32 and any(s in name for s in strict):
+        for name, parameter in model.named_parameters():
+            if parameter.dtype != torch.float32 and any(key in name for key in cls._keep_in_fp32_modules_strict):
                 parameter.data = parameter.data.float()
+        return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
