@@ -171,3 +171,200 @@ def test_set_attn_implementation_switches_the_running_model(kind):
     assert all(weights is None for weights in sdpa.attentions)
     assert all(weights is not None for weights in eager.attentions) and len(eager.attentions) == 2
     assert torch.allclose(eager.logits, sdpa.logits, atol=1e-5, rtol=1e-5)
+
+
+# --- the cache is a transformers Cache ------------------------------------------------------------------------------
+
+
+def _text_config(model):
+    return model.config.get_text_config(decoder=True)
+
+
+def _run(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(input_ids=ids, return_dict=True, **kwargs)
+
+
+def _hidden(output):
+    return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+def _cache_field(output):
+    return output.cache if "cache" in output else output.past_key_values
+
+
+def test_the_returned_cache_has_transformers_layer_api(kind):
+    from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionCacheLayerMixin
+
+    model = build(kind)
+    config = _text_config(model)
+    cache = _cache_field(_run(model, IDS.expand(2, -1), use_cache=True))
+    assert isinstance(cache, Cache)
+    assert len(cache) == len(cache.layers) == config.num_hidden_layers
+    assert cache.get_seq_length() == IDS.shape[1]
+    conv_dim = 2 * config.linear_num_key_heads * config.linear_key_head_dim
+    conv_dim += config.linear_num_value_heads * config.linear_value_head_dim
+    for layer, layer_type in zip(cache.layers, config.layer_types):
+        if layer_type == "linear_attention":
+            assert isinstance(layer, LinearAttentionCacheLayerMixin)
+            assert layer.has_previous_state[0]
+            assert layer.conv_states[0].shape == (2, conv_dim, config.linear_conv_kernel_dim)
+            recurrent = layer.recurrent_states[0]
+            assert recurrent.dtype == torch.float32
+            assert recurrent.shape == (
+                2, config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim
+            )  # fmt: skip
+        else:
+            assert isinstance(layer, CacheLayerMixin)
+            shape = (2, config.num_key_value_heads, IDS.shape[1], config.head_dim)
+            assert layer.keys.shape == layer.values.shape == shape
+            assert layer.get_mask_sizes(3) == (IDS.shape[1] + 3, 0)
+
+
+def test_a_dynamic_cache_the_user_built_is_filled_in_place_and_continued(kind):
+    """What the prompt-reuse docs teach: DynamicCache(config=model.config), a prompt forward, a continuation."""
+    from transformers import DynamicCache
+
+    model = build(kind)
+    ids = torch.tensor([[5, 9, 13, 21, 7, 3, 8, 11, 2]])
+    full = _hidden(_run(model, ids))
+    cache = DynamicCache(config=model.config)
+    first = _run(model, ids[:, :5], past_key_values=cache, use_cache=True)
+    assert _cache_field(first) is cache
+    assert int(cache.get_seq_length()) == 5
+    second = _run(model, ids[:, 5:], past_key_values=cache, use_cache=True)
+    assert _cache_field(second) is cache
+    assert int(cache.get_seq_length()) == ids.shape[1]
+    torch.testing.assert_close(_hidden(second), full[:, 5:], rtol=1e-5, atol=1e-5)
+
+
+def test_an_empty_dynamic_cache_without_config_is_accepted():
+    from transformers import DynamicCache
+
+    model = build("causal-lm")
+    ids = torch.tensor([[5, 9, 13, 21, 7, 3]])
+    cache = DynamicCache()
+    _run(model, ids[:, :4], past_key_values=cache, use_cache=True)
+    continued = _run(model, ids[:, 4:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(continued, _run(model, ids).logits[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_builtin_and_ours_continue_each_others_caches():
+    """The oracle: built-in transformers continues a cache our model filled (ours and a DynamicCache), and ours
+    continues one built-in filled, to the logits of one uncached forward."""
+    from conftest import build_pair
+    from transformers import DynamicCache
+
+    ours, native = build_pair()
+    ids = torch.tensor([[5, 9, 13, 21, 7, 3, 8, 11]])
+    full = _run(native, ids).logits
+    filled_by_ours = [_cache_field(_run(ours, ids[:, :5], use_cache=True))]
+    filled_by_ours.append(DynamicCache(config=ours.config))
+    _run(ours, ids[:, :5], past_key_values=filled_by_ours[-1], use_cache=True)
+    for cache in filled_by_ours:
+        torch.testing.assert_close(_run(native, ids[:, 5:], past_key_values=cache).logits, full[:, 5:])
+    filled_by_native = DynamicCache(config=native.config)
+    _run(native, ids[:, :5], past_key_values=filled_by_native, use_cache=True)
+    torch.testing.assert_close(_run(ours, ids[:, 5:], past_key_values=filled_by_native).logits, full[:, 5:])
+
+
+@pytest.mark.parametrize("kind", ["causal-lm", "vl-generation"])
+@pytest.mark.parametrize("make_cache", ["dynamic-config", "dynamic-empty"])
+def test_generate_with_a_user_cache_equals_generate_without(kind, make_cache):
+    from transformers import DynamicCache
+
+    model = build(kind)
+    ids = torch.tensor([[5, 9, 13, 21, 7, 3], [4, 8, 12, 16, 20, 24]])
+    reference = model.generate(ids, max_new_tokens=6, do_sample=False)
+    cache = DynamicCache(config=model.config) if make_cache == "dynamic-config" else DynamicCache()
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, reference)
+    assert _cache_field(out) is cache
+    assert int(cache.get_seq_length()) == reference.shape[1] - 1  # the last token is sampled, never fed
+
+
+def test_beam_search_with_a_user_cache_equals_beam_search_without():
+    """Beams reorder the cache every step: through transformers' own DynamicCache layers here."""
+    from transformers import DynamicCache
+
+    model = build("causal-lm")
+    ids = torch.tensor([[5, 9, 13, 21, 7, 3]])
+    kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=3, num_return_sequences=2)
+    reference = model.generate(ids, **kwargs)
+    with_cache = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
+    assert torch.equal(with_cache, reference)
+
+
+def test_a_deep_copied_prompt_cache_serves_two_continuations():
+    """Prompt reuse: one prefill, a deep copy per continuation; each continuation as from scratch."""
+    import copy
+
+    model = build("causal-lm")
+    prompt = torch.tensor([[5, 9, 13, 21, 7, 3]])
+    prompt_cache = _cache_field(_run(model, prompt, use_cache=True))
+    for suffix in ([[8, 11]], [[40, 2, 17]]):
+        ids = torch.cat([prompt, torch.tensor(suffix)], dim=1)
+        reused = model.generate(ids, past_key_values=copy.deepcopy(prompt_cache), max_new_tokens=4, do_sample=False)
+        assert torch.equal(reused, model.generate(ids, max_new_tokens=4, do_sample=False))
+    assert prompt_cache.get_seq_length() == prompt.shape[1]  # the copies moved on, the original did not
+
+
+def test_batch_operations_move_every_state_and_the_rope_offsets():
+    model = build("vl-generation")
+    ids = torch.tensor([[5, 9, 13, 21], [4, 8, 12, 16], [1, 7, 6, 30]])
+    cache = _cache_field(_run(model, ids, use_cache=True))
+    cache.rope_deltas = torch.tensor([[0], [1], [2]])
+
+    def states(c):
+        return [s for s in c.conv_states + c.recurrent_states + c.key_cache + c.value_cache if s is not None]
+
+    before = [s.clone() for s in states(cache)]
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    for new, old in zip(states(cache), before):
+        assert torch.equal(new, old[[2, 0, 1]])
+    assert cache.rope_deltas.flatten().tolist() == [2, 0, 1]
+    cache.batch_select_indices(torch.tensor([1, 2]))
+    assert cache.rope_deltas.flatten().tolist() == [0, 1]
+    cache.batch_repeat_interleave(2)
+    assert cache.rope_deltas.flatten().tolist() == [0, 0, 1, 1]
+    for new, old in zip(states(cache), before):
+        assert torch.equal(new, old[[0, 0, 1, 1]])
+    assert cache.batch_size == 4
+
+
+def test_crop_and_past_recording_are_refused_with_the_reason():
+    model = build("causal-lm")
+    cache = _cache_field(_run(model, IDS, use_cache=True))
+    cache.crop(IDS.shape[1])  # nothing to remove: allowed
+    for call in (lambda: cache.crop(2), lambda: cache.crop(-1), lambda: cache.layers[1].crop(1)):
+        with pytest.raises(ValueError, match="cannot be rolled back"):
+            call()
+    with pytest.raises(ValueError, match="mtp_draft_tokens"):
+        cache.activate_past_recording()
+
+
+def test_caches_that_cannot_serve_are_refused_before_any_compute():
+    from transformers import DynamicCache
+
+    model = build("causal-lm")
+    other = Qwen3_5TextConfig(**tiny_text_kwargs(num_hidden_layers=2, layer_types=["full_attention"] * 2))
+    with pytest.raises(ValueError, match=r"DynamicCache\(config=model.config\)"):
+        _run(model, IDS, past_key_values=DynamicCache(config=other), use_cache=True)
+    with pytest.raises(TypeError, match="transformers Cache"):
+        _run(model, IDS, past_key_values=((torch.zeros(1),),), use_cache=True)
+
+
+def test_an_image_prompt_continues_from_a_user_cache():
+    """The rope offset an image leaves (3-D positions) goes with the user's cache to the continuation."""
+    from conftest import IMAGE_PAD, random_pixels, vision_run
+    from transformers import DynamicCache
+
+    model = build("vl-generation")
+    grid = torch.tensor([[1, 4, 4]])  # 4 merged tokens
+    ids = torch.tensor([[5, 9, *vision_run(4, IMAGE_PAD), 13, 21, 7, 3]])
+    media = dict(pixel_values=random_pixels(grid.tolist()), image_grid_thw=grid)
+    full = _run(model, ids, **media).logits
+    cache = DynamicCache(config=model.config)
+    _run(model, ids[:, :9], past_key_values=cache, use_cache=True, **media)
+    continued = _run(model, ids[:, 9:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(continued, full[:, 9:], rtol=1e-5, atol=1e-5)

@@ -33,7 +33,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 
 from . import kernels, training_graphs
-from .cache import Qwen3_5HybridCache
+from .cache import Qwen3_5HybridCache, model_state, returned_cache
 from .checkpoint import CarriedTensors
 from .chunked_loss import causal_lm_loss
 from .configuration import FULL_ATTENTION, LINEAR_ATTENTION, Qwen3_5Config, Qwen3_5TextConfig
@@ -711,12 +711,7 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
         selected_layers = hidden_state_selection(output_hidden_states, self.config.num_hidden_layers + 1)
         output_hidden_states = bool(output_hidden_states)
         use_cache = self.resolve_use_cache(use_cache)
-        cache = cache if cache is not None else past_key_values
-        if cache is not None and not isinstance(cache, Qwen3_5HybridCache):
-            raise TypeError(
-                f"Qwen3.5 needs its own cache (Qwen3_5HybridCache), got {type(cache).__name__}. "
-                "Pass the cache a previous call returned, or none."
-            )
+        cache = model_state(cache if cache is not None else past_key_values, self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
@@ -807,7 +802,7 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states,
             attentions=tuple(all_attentions) if output_attentions else None,
-            **{CACHE_FIELD: cache if use_cache else None},
+            **{CACHE_FIELD: returned_cache(cache) if use_cache else None},
         )
 
 

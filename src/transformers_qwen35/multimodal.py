@@ -17,7 +17,7 @@ from transformers import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils.generic import can_return_tuple
 
-from .cache import Qwen3_5HybridCache
+from .cache import Qwen3_5HybridCache, model_state
 from .configuration import Qwen3_5Config
 from .modeling import LM_HEAD_TP_PLAN, Qwen3_5PreTrainedModel, Qwen3_5TextModel
 from .multimodal_positions import IMAGE, TEXT, VIDEO, rope_positions, token_types
@@ -82,7 +82,7 @@ class Qwen3_5Model(Qwen3_5PreTrainedModel):
     ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        cache = cache if cache is not None else past_key_values
+        cache = model_state(cache if cache is not None else past_key_values, self.config.text_config)
         use_cache = self.language_model.resolve_use_cache(use_cache)
         past = cache.get_seq_length() if cache is not None else 0
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
