@@ -368,3 +368,67 @@ def test_an_image_prompt_continues_from_a_user_cache():
     _run(model, ids[:, :9], past_key_values=cache, use_cache=True, **media)
     continued = _run(model, ids[:, 9:], past_key_values=cache, use_cache=True).logits
     torch.testing.assert_close(continued, full[:, 9:], rtol=1e-5, atol=1e-5)
+
+
+# --- RoPE scaling ---------------------------------------------------------------------------------------------------
+
+SHORT_LIMIT = 16  # max_position_embeddings of these tests: inputs of 24-30 tokens reach past it
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": SHORT_LIMIT},
+    "llama3": {
+        "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": SHORT_LIMIT,
+    },
+    "longrope": {
+        "rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6], "long_factor": [1.0, 2.0, 4.0, 8.0],
+        "original_max_position_embeddings": SHORT_LIMIT,
+    },
+}  # fmt: skip
+
+
+def _rope(scaling: str) -> dict:
+    from conftest import ROPE
+
+    return {**ROPE, **ROPE_SCALINGS[scaling]}
+
+
+@pytest.mark.parametrize("scaling", sorted(ROPE_SCALINGS))
+def test_rope_scaling_gives_builtins_logits_and_generation(scaling):
+    """Past max_position_embeddings, where scaling changes the frequencies: one forward and a greedy generation
+    (whose steps keep moving past the limit, where dynamic NTK rescales again) as built-in's."""
+    from conftest import build_pair
+
+    try:
+        ours, native = build_pair(rope_parameters=_rope(scaling), max_position_embeddings=SHORT_LIMIT)
+    except RuntimeError as error:
+        if scaling != "longrope":
+            raise
+        # transformers 5.16's longrope frequencies ignore partial_rotary_factor and fail on their own factors.
+        pytest.skip(f"this transformers release cannot build longrope RoPE for a partial rotary slice ({error})")
+    default, _ = build_pair(max_position_embeddings=SHORT_LIMIT)
+    ids = torch.randint(1, 99, (2, 24), generator=torch.Generator().manual_seed(1))
+    ours_logits, native_logits = _run(ours, ids).logits, _run(native, ids).logits
+    torch.testing.assert_close(ours_logits, native_logits, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(ours_logits, _run(default, ids).logits, atol=1e-3)  # the scaling did something
+    kwargs = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours.generate(ids, **kwargs), native.generate(ids, **kwargs))
+
+
+@pytest.mark.parametrize("scaling", ["dynamic", "yarn"])
+def test_the_multimodal_model_accepts_scaled_lengths_as_builtin(scaling):
+    from conftest import IMAGE_PAD, build_vl_pair, random_pixels, vision_run
+
+    ours, native = build_vl_pair(rope_parameters=_rope(scaling), max_position_embeddings=SHORT_LIMIT)
+    grid = torch.tensor([[1, 4, 4]])
+    ids = torch.tensor([[5, 9, *vision_run(4, IMAGE_PAD), *range(10, 30)]])  # 28 tokens
+    media = dict(pixel_values=random_pixels(grid.tolist()), image_grid_thw=grid)
+    media["mm_token_type_ids"] = (ids == IMAGE_PAD).long()  # built-in needs them with images
+    torch.testing.assert_close(_run(ours, ids, **media).logits, _run(native, ids, **media).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_the_multimodal_model_refuses_unscaled_inputs_past_the_limit():
+    model = Qwen3_5ForConditionalGeneration(Qwen3_5Config(**tiny_composite_dict(max_position_embeddings=SHORT_LIMIT)))
+    with pytest.raises(ValueError, match="max_position_embeddings=16.*RoPE scaling"):
+        _run(model, torch.arange(1, 21)[None])

@@ -95,7 +95,13 @@ class Qwen3_5MLP(nn.Module):
 
 
 class Qwen3_5TextRotaryEmbedding(nn.Module):
-    """cos/sin for the rotary slice, each frequency slot taking its angle from the T, H or W position row."""
+    """cos/sin for the rotary slice, each frequency slot taking its angle from the T, H or W position row.
+
+    RoPE scaling as in transformers' ``rope_parameters``: ``linear``, ``yarn``, ``llama3`` fix their frequencies once;
+    ``dynamic`` (NTK) rescales them for inputs reaching past ``max_position_embeddings`` and ``longrope`` switches
+    to its long factors past ``original_max_position_embeddings``. Built-in keeps the rescaled frequencies on the
+    module between calls (a later, shorter input reuses them); here each forward derives its own from its positions,
+    which gives built-in's numbers for one input or one generation and keeps a model shared by threads correct."""
 
     def __init__(self, config: Qwen3_5TextConfig):
         super().__init__()
@@ -105,23 +111,42 @@ class Qwen3_5TextRotaryEmbedding(nn.Module):
         # device and does not refill non-persistent buffers.
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.attention_scaling = 1.0
+        if self.rope_type == "dynamic":
+            self.rescale_past = config.max_position_embeddings
+        elif self.rope_type == "longrope":
+            self.rescale_past = config.rope_parameters.get("original_max_position_embeddings")
+            self.rescale_past = self.rescale_past or config.max_position_embeddings
+        else:
+            self.rescale_past = None  # fixed frequencies
+
+    def _inverse_frequencies(self, device: torch.device, seq_len: int | None = None) -> torch.Tensor:
+        config = self.config
+        if self.rope_type == "default":
+            dim = config.rotary_dim
+            exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+            return 1.0 / (config.rope_parameters["rope_theta"] ** exponents)
+        inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config, device, seq_len=seq_len)
+        return inv_freq.to(device)
 
     def _frequencies(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._tables:
-            config = self.config
-            if self.rope_type == "default":
-                dim = config.rotary_dim
-                exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-                inv_freq = 1.0 / (config.rope_parameters["rope_theta"] ** exponents)
-            else:
-                inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config, device)
+            inv_freq = self._inverse_frequencies(device)
             # Slots 1, 4, 7... take the H row, slots 2, 5, 8... the W row, within their section; the rest take T.
-            section = config.mrope_section
+            section = self.config.mrope_section
             axis = torch.zeros(inv_freq.shape[0], dtype=torch.long, device=device)
             for row in (1, 2):
                 axis[row : 3 * section[row] : 3] = row
             self._tables[device] = (inv_freq.float(), axis)
         return self._tables[device]
+
+    def _rescaled(self, inv_freq: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The frequencies for an input whose positions reach past ``rescale_past`` (one host sync, only then)."""
+        seq_len = int(position_ids.max()) + 1
+        if seq_len <= self.rescale_past:
+            return inv_freq
+        if self.rope_type == "longrope":
+            seq_len = self.rescale_past + 1  # the long factors, whatever the length
+        return self._inverse_frequencies(inv_freq.device, seq_len=seq_len).float()
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +154,8 @@ class Qwen3_5TextRotaryEmbedding(nn.Module):
         ``apply_partial_rotary``: over the rotary dims ``[cos, cos]`` and ``[-sin, sin]`` (the sign of
         rotate-half folded in), over the dims that pass through 1 and 0. Made once per forward for every layer."""
         inv_freq, axis = self._frequencies(x.device)
+        if self.rescale_past is not None:
+            inv_freq = self._rescaled(inv_freq, position_ids)
         positions = position_ids.to(x.device)[axis].float()  # (half, B, T)
         angles = positions.permute(1, 2, 0) * inv_freq
         cos = (angles.cos() * self.attention_scaling).to(x.dtype)

@@ -133,11 +133,12 @@ class Qwen3_5Model(Qwen3_5PreTrainedModel):
     def _check_inputs(self, types, past, length, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
         """Everything that can be checked from shapes, before any vision or text compute."""
         limit = self.config.text_config.max_position_embeddings
-        if past + length > limit:
+        scaled = self.config.text_config.rope_parameters.get("rope_type", "default") != "default"
+        if past + length > limit and not scaled:
             raise ValueError(
                 f"The input holds {past + length} tokens ({past} cached + {length} new) but the model was trained on at "
-                f"most max_position_embeddings={limit}. Shorten the prompt, use fewer or smaller images, or cap "
-                "max_new_tokens."
+                f"most max_position_embeddings={limit}. Shorten the prompt, use fewer or smaller images, cap "
+                "max_new_tokens, or set RoPE scaling in text_config.rope_parameters (rope_type 'yarn', 'dynamic', ...)."
             )
         merge = self.config.vision_config.spatial_merge_size**2
         for pixels, grids, modality, what in (

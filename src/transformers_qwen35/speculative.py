@@ -195,9 +195,12 @@ class _Run:
         self.model, self.K, self.streamer = model, draft_tokens, streamer
         self.head = mtp_head(model) if draft_tokens else None
         self.static = static
-        # CUDA graphs for the static loop's blocks, unless turned off or accelerate's hooks move tensors in Python.
-        self.use_graphs = static and input_ids.is_cuda and cuda_graphs_enabled() and not moved_by_hooks(model)
         self.text_model = model.model.language_model if hasattr(model.model, "language_model") else model.model
+        # CUDA graphs for the static loop's blocks, unless turned off or accelerate's hooks move tensors in Python.
+        # A graph replays fixed frequencies: RoPE that rescales with the length (dynamic, longrope) decodes eagerly.
+        fixed_rope = self.text_model.rotary_emb.rescale_past is None
+        self.use_graphs = static and input_ids.is_cuda and cuda_graphs_enabled() and not moved_by_hooks(model)
+        self.use_graphs = self.use_graphs and fixed_rope
         self.processors, self.criteria = processors, criteria
         self.greedy = not generation_config.do_sample
         self.prompt = input_ids
