@@ -432,3 +432,59 @@ def test_the_multimodal_model_refuses_unscaled_inputs_past_the_limit():
     model = Qwen3_5ForConditionalGeneration(Qwen3_5Config(**tiny_composite_dict(max_position_embeddings=SHORT_LIMIT)))
     with pytest.raises(ValueError, match="max_position_embeddings=16.*RoPE scaling"):
         _run(model, torch.arange(1, 21)[None])
+
+
+# --- vision feature getters and outputs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["vl-model", "vl-generation"])
+@pytest.mark.parametrize("modality", ["image", "video"])
+def test_feature_getters_return_what_builtin_returns(kind, modality):
+    """BaseModelOutputWithPooling with per-item pooled features, the tower's hidden states when asked, a tuple for
+    return_dict=False; keywords accepted as built-in accepts them."""
+    from conftest import build_vl_pair, random_pixels
+
+    ours, native = build_vl_pair(seed=3)
+    if kind == "vl-model":
+        ours, native = ours.model, native.model
+    grid = torch.tensor([[1, 4, 4], [2, 4, 8]])
+    pixels = random_pixels(grid.tolist(), seed=5)
+    getter = f"get_{modality}_features"
+    kwargs = dict(output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        mine = getattr(ours, getter)(pixels, grid, **kwargs)
+        theirs = getattr(native, getter)(pixels, grid, **kwargs)
+        as_tuple = getattr(ours, getter)(pixels, grid, return_dict=False)
+    assert type(mine).__name__ == "BaseModelOutputWithPooling"
+    assert [f.shape for f in mine.pooler_output] == [f.shape for f in theirs.pooler_output] == [(4, 32), (16, 32)]
+    for a, b in zip(mine.pooler_output, theirs.pooler_output):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mine.last_hidden_state, theirs.last_hidden_state, rtol=1e-5, atol=1e-5)
+    assert len(mine.hidden_states) == len(theirs.hidden_states) == ours.config.vision_config.depth + 1
+    for a, b in zip(mine.hidden_states, theirs.hidden_states):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], mine.last_hidden_state)
+
+
+@pytest.mark.parametrize("kind", ["vl-model", "vl-generation"])
+def test_forward_returns_the_vision_outputs_it_used(kind):
+    from conftest import IMAGE_PAD, random_pixels, vision_run
+
+    model = build(kind)
+    grid = torch.tensor([[1, 4, 4]])
+    ids = torch.tensor([[5, 9, *vision_run(4, IMAGE_PAD), 13]])
+    pixels = random_pixels(grid.tolist())
+    out = _run(model, ids, pixel_values=pixels, image_grid_thw=grid)
+    expected = model.get_image_features(pixels, grid).pooler_output
+    assert out.video_outputs is None
+    torch.testing.assert_close(out.image_outputs.pooler_output[0], expected[0])
+    assert _run(model, IDS).image_outputs is None
+
+
+def test_feature_getters_need_grids():
+    from conftest import random_pixels
+
+    model = build("vl-model")
+    with pytest.raises(ValueError, match="image_grid_thw"):
+        model.get_image_features(random_pixels([[1, 4, 4]]))

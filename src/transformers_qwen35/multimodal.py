@@ -11,10 +11,11 @@ Rotary positions come from ``multimodal_positions.py``; each row's offset after 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
-from transformers import GenerationMixin
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers import GenerationMixin, modeling_outputs
 from transformers.utils.generic import can_return_tuple
 
 from .cache import Qwen3_5HybridCache, model_state
@@ -24,6 +25,26 @@ from .multimodal_positions import IMAGE, TEXT, VIDEO, rope_positions, token_type
 from .vision import Qwen3_5VisionModel, validate_grids
 
 VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+if hasattr(modeling_outputs, "MultimodalBaseModelOutputWithPast"):
+    # transformers >= 5.2x: the shared multimodal outputs (their to_tuple() flattens the vision outputs too).
+    Qwen3_5ModelOutputWithPast = modeling_outputs.MultimodalBaseModelOutputWithPast
+    Qwen3_5CausalLMOutputWithPast = modeling_outputs.MultimodalCausalLMOutputWithPast
+else:
+
+    @dataclass
+    class Qwen3_5ModelOutputWithPast(modeling_outputs.BaseModelOutputWithPast):
+        """The text stack's output and what the vision tower returned for this call's images and videos."""
+
+        image_outputs: modeling_outputs.BaseModelOutputWithPooling | None = None
+        video_outputs: modeling_outputs.BaseModelOutputWithPooling | None = None
+
+    @dataclass
+    class Qwen3_5CausalLMOutputWithPast(modeling_outputs.CausalLMOutputWithPast):
+        """Logits (and loss) with what the vision tower returned for this call's images and videos."""
+
+        image_outputs: modeling_outputs.BaseModelOutputWithPooling | None = None
+        video_outputs: modeling_outputs.BaseModelOutputWithPooling | None = None
 
 
 class Qwen3_5Model(Qwen3_5PreTrainedModel):
@@ -44,20 +65,31 @@ class Qwen3_5Model(Qwen3_5PreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.embed_tokens = value
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
-        """One ``(t*h*w/4, hidden)`` tensor per image."""
-        return self._vision_features(pixel_values, image_grid_thw, "pixel_values")
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs):
+        """The vision tower's output for these images (``BaseModelOutputWithPooling``): ``pooler_output`` holds one
+        ``(t*h*w/4, hidden)`` feature tensor per image; ``output_hidden_states=True`` adds the tower's hidden states,
+        ``return_dict=False`` gives a tuple."""
+        return self._vision_outputs(pixel_values, image_grid_thw, "pixel_values", **kwargs)
 
-    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> list[torch.Tensor]:
-        """One ``(t*h*w/4, hidden)`` tensor per video."""
-        return self._vision_features(pixel_values_videos, video_grid_thw, "pixel_values_videos")
+    @can_return_tuple
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor | None = None, **kwargs):
+        """As ``get_image_features``, one feature tensor per video."""
+        return self._vision_outputs(pixel_values_videos, video_grid_thw, "pixel_values_videos", **kwargs)
 
-    def _vision_features(self, pixels, grid_thw, what, checked: bool = False):
+    def _vision_outputs(self, pixels, grid_thw, what, checked=False, output_hidden_states=None, **kwargs):
+        """``output_attentions`` is accepted and gives no vision attentions (see docs/compatibility.md)."""
+        if grid_thw is None:
+            grids = "image_grid_thw" if what == "pixel_values" else "video_grid_thw"
+            raise ValueError(f"{what} need their {grids} (one (t, h, w) row per item, from the processor).")
         if not checked:  # forward() checks all inputs up front, before any compute
             _check_pixels(pixels, grid_thw, self.config.vision_config, what)
-        features = self.visual(pixels.to(self.visual.dtype), grid_thw)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.vision_config.output_hidden_states
+        outputs = self.visual(pixels.to(self.visual.dtype), grid_thw, output_hidden_states=bool(output_hidden_states))
         sizes = (grid_thw.prod(-1) // self.config.vision_config.spatial_merge_size**2).tolist()
-        return list(features.split(sizes))
+        outputs.pooler_output = tuple(outputs.pooler_output.split(sizes))
+        return outputs
 
     @can_return_tuple
     def forward(
@@ -91,12 +123,14 @@ class Qwen3_5Model(Qwen3_5PreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        encoded = {}
         for pixels, grids, modality, what in (
             (pixel_values, image_grid_thw, IMAGE, "pixel_values"),
             (pixel_values_videos, video_grid_thw, VIDEO, "pixel_values_videos"),
         ):
             if pixels is not None:
-                features = torch.cat(self._vision_features(pixels, grids, what, checked=True))
+                encoded[modality] = self._vision_outputs(pixels, grids, what, checked=True)
+                features = torch.cat(encoded[modality].pooler_output)
                 slots = (types == modality).unsqueeze(-1).to(inputs_embeds.device)
                 inputs_embeds = inputs_embeds.masked_scatter(slots, features.to(inputs_embeds))
 
@@ -106,7 +140,7 @@ class Qwen3_5Model(Qwen3_5PreTrainedModel):
             position_ids = self._positions(
                 position_ids, types, attention_mask, cache, past, image_grid_thw, video_grid_thw, inputs_embeds.device
             )
-        return self.language_model(
+        outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -117,6 +151,7 @@ class Qwen3_5Model(Qwen3_5PreTrainedModel):
             return_dict=True,
             **kwargs,
         )
+        return Qwen3_5ModelOutputWithPast(**outputs, image_outputs=encoded.get(IMAGE), video_outputs=encoded.get(VIDEO))
 
     def _token_types(self, input_ids, mm_token_type_ids, batch, length):
         if mm_token_type_ids is not None:
@@ -230,11 +265,11 @@ class Qwen3_5ForConditionalGeneration(Qwen3_5PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def get_image_features(self, pixel_values, image_grid_thw):
-        return self.model.get_image_features(pixel_values, image_grid_thw)
+    def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
+        return self.model.get_image_features(pixel_values, image_grid_thw, **kwargs)
 
-    def get_video_features(self, pixel_values_videos, video_grid_thw):
-        return self.model.get_video_features(pixel_values_videos, video_grid_thw)
+    def get_video_features(self, pixel_values_videos, video_grid_thw=None, **kwargs):
+        return self.model.get_video_features(pixel_values_videos, video_grid_thw, **kwargs)
 
     @can_return_tuple
     def forward(
@@ -260,7 +295,7 @@ class Qwen3_5ForConditionalGeneration(Qwen3_5PreTrainedModel, GenerationMixin):
         skip_logits=None,
         **kwargs,
     ):
-        outputs: BaseModelOutputWithPast = self.model(
+        outputs: Qwen3_5ModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -278,8 +313,9 @@ class Qwen3_5ForConditionalGeneration(Qwen3_5PreTrainedModel, GenerationMixin):
             return_dict=True,
             **kwargs,
         )
-        return self._head_output(
-            outputs, labels, logits_to_keep, self.config.text_config.vocab_size, kwargs, skip_logits
+        head = self._head_output(outputs, labels, logits_to_keep, self.config.text_config.vocab_size, kwargs, skip_logits)
+        return Qwen3_5CausalLMOutputWithPast(
+            **head, image_outputs=outputs.image_outputs, video_outputs=outputs.video_outputs
         )
 
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):

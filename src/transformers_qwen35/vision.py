@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration import Qwen3_5VisionConfig
@@ -208,7 +209,12 @@ class Qwen3_5VisionModel(nn.Module):
             pieces.append(merge_block_order(torch.stack([rows, cols], -1), merge).repeat(t, 1))
         return torch.cat(pieces).to(grid_thw.device)
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, output_hidden_states: bool = False, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """As built-in's tower: ``last_hidden_state`` the patch states after the last block ``(patches, hidden)``,
+        ``pooler_output`` the merged features ``(patches / 4, text hidden)``; ``hidden_states`` (when asked) the
+        blocks' input, then each block's output."""
         grid_thw = grid_thw.to(torch.long)
         hidden_states = self.patch_embed(pixel_values)
         hidden_states = hidden_states + self._position_embeddings(grid_thw.cpu()).to(hidden_states)
@@ -216,6 +222,13 @@ class Qwen3_5VisionModel(nn.Module):
         group_sizes = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
         cu_seqlens = F.pad(group_sizes.cumsum(0), (1, 0)).to(device=hidden_states.device, dtype=torch.int32)
         max_length = int(group_sizes.max())
+        all_hidden_states = [hidden_states] if output_hidden_states else None
         for block in self.blocks:
             hidden_states = block(hidden_states, rotary, cu_seqlens, max_length)
-        return self.merger(hidden_states)
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden_states,
+            pooler_output=self.merger(hidden_states),
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+        )
