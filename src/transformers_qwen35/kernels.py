@@ -79,6 +79,8 @@ def _load_fla() -> SimpleNamespace | None:
 
 
 def _log_once(path: str, message: str) -> None:
+    if torch.compiler.is_compiling():
+        return  # logging breaks a torch.compile graph; the eager calls log it
     if path not in _logged:
         _logged.add(path)
         logger.info(message)
