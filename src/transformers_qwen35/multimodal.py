@@ -73,7 +73,9 @@ class Qwen3_5Model(Qwen3_5PreTrainedModel):
         return self._vision_outputs(pixel_values, image_grid_thw, "pixel_values", **kwargs)
 
     @can_return_tuple
-    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor | None = None, **kwargs):
+    def get_video_features(
+        self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor | None = None, **kwargs
+    ):
         """As ``get_image_features``, one feature tensor per video."""
         return self._vision_outputs(pixel_values_videos, video_grid_thw, "pixel_values_videos", **kwargs)
 
@@ -313,7 +315,9 @@ class Qwen3_5ForConditionalGeneration(Qwen3_5PreTrainedModel, GenerationMixin):
             return_dict=True,
             **kwargs,
         )
-        head = self._head_output(outputs, labels, logits_to_keep, self.config.text_config.vocab_size, kwargs, skip_logits)
+        head = self._head_output(
+            outputs, labels, logits_to_keep, self.config.text_config.vocab_size, kwargs, skip_logits
+        )
         return Qwen3_5CausalLMOutputWithPast(
             **head, image_outputs=outputs.image_outputs, video_outputs=outputs.video_outputs
         )
