@@ -51,9 +51,11 @@ from .sampling import PresencePenaltyLogitsProcessor
 from .static_decode import (
     CUDA_GRAPHS_ENV,
     GraphedBlock,
+    StaticHybridCache,
     cuda_graphs_enabled,
     forward_block,
     moved_by_hooks,
+    return_static_cache,
     static_cache_for,
 )
 
@@ -173,11 +175,15 @@ def mtp_generate(
     if streamer is not None:
         streamer.put(input_ids.cpu())  # the prompt first, as plain generate() does
     run = _Run(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, draft_tokens, static)
-    run.prefill(model_kwargs)
-    if run.plain:
-        run.decode_plain()
-    while run.unfinished.any():
-        run.round()
+    try:
+        run.prefill(model_kwargs)
+        if run.plain:
+            run.decode_plain()
+        while run.unfinished.any():
+            run.round()
+    finally:
+        if isinstance(run.cache, StaticHybridCache):
+            return_static_cache(run.cache)
     if streamer is not None:
         streamer.end()
     model.mtp_stats = run.stats
@@ -348,7 +354,7 @@ class _Run:
         """The main model's final hidden states for ``block`` ``(B, T)`` at text positions ``(B, T)``."""
         if self.static:
             rope = self._rope(positions)
-            if self.use_graphs:
+            if self.use_graphs and self.cache.shared:  # a private cache (concurrent call) decodes without graphs
                 length, graphs = block.shape[1], self.cache.graphs
                 if length not in graphs:
                     graphs[length] = _capture(self.model, self.cache, length)

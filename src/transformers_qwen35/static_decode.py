@@ -18,12 +18,15 @@ Used by ``speculative.py``'s loop for ``generate(..., cache_implementation="stat
 
 The static cache and its captured graphs outlive one ``generate()`` call (``static_cache_for``): capturing costs a few
 hundred milliseconds, as much as a hundred decoding steps, so the next call with the same batch size and a prompt that
-fits reuses them.
+fits reuses them. One call at a time holds it (``static_cache_for`` leases it, ``return_static_cache`` gives it back):
+a call made while another thread decodes on the same model gets a private cache of its own, decoded without graphs,
+so threads sharing a model never share decoding state.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 
 import torch
@@ -37,6 +40,7 @@ CUDA_GRAPHS_ENV = "TRANSFORMERS_QWEN35_CUDA_GRAPHS"
 CAPACITY_STEP = 256
 # One static cache per model, kept beside it rather than on it: deep copies and state dicts never see it.
 _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LEASE = threading.Lock()  # guards _CACHES and every cache's `leased`
 
 
 def cuda_graphs_enabled() -> bool:
@@ -82,6 +86,8 @@ class StaticHybridCache(Qwen3_5HybridCache):
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # first slot the next block writes
         self.graphs: dict[int, GraphedBlock] = {}  # block length -> captured forward over these buffers
         self.captured_for: tuple = ()  # graph_key() of the model the graphs were captured from
+        self.leased = False  # a generate() call is decoding on it
+        self.shared = False  # the model's kept cache (else a private one of a concurrent call)
 
     @classmethod
     def from_prefill(cls, cache: Qwen3_5HybridCache, key_valid: torch.Tensor, capacity: int, config):
@@ -195,26 +201,43 @@ def graph_key(model) -> tuple:
 
 
 def static_cache_for(model, prefill: Qwen3_5HybridCache, key_valid: torch.Tensor, needed: int, config):
-    """The static cache for decoding ``needed`` positions after this prompt, holding the prompt's state: the model's
-    cache of the previous call (with its graphs) when it fits and the model is as it was at capture (``graph_key``),
-    else a new one replacing it."""
+    """The static cache for decoding ``needed`` positions after this prompt, holding the prompt's state, leased to
+    the calling ``generate()`` until ``return_static_cache``: the model's cache of the previous call (with its
+    graphs) when it fits and the model is as it was at capture (``graph_key``), else a new one replacing it. While
+    another call holds the model's cache, a private one (no graphs kept)."""
     reference = next(state for state in prefill.key_cache if state is not None)
+    shape = (key_valid.shape[0], -(-needed // CAPACITY_STEP) * CAPACITY_STEP, reference.dtype, reference.device)
     key = graph_key(model)
-    cached = _CACHES.get(model)
-    if cached is None or not cached.fits(key_valid.shape[0], needed, reference.dtype, reference.device, key):
-        _CACHES.pop(model, None)  # free the old buffers and graph memory before allocating the new ones
-        del cached
-        capacity = -(-needed // CAPACITY_STEP) * CAPACITY_STEP
-        cached = StaticHybridCache(config, key_valid.shape[0], capacity, reference.dtype, reference.device)
-        cached.captured_for = key
-        _CACHES[model] = cached
+    with _LEASE:
+        cached = _CACHES.get(model)
+        if cached is not None and cached.leased:
+            cached = None  # another thread decodes on it: this call gets its own
+            shared = False
+        else:
+            shared = True
+            if cached is None or not cached.fits(key_valid.shape[0], needed, reference.dtype, reference.device, key):
+                _CACHES.pop(model, None)  # free the old buffers and graph memory before allocating the new ones
+                cached = None
+        if cached is None:
+            cached = StaticHybridCache(config, *shape)
+            cached.captured_for, cached.shared = key, shared
+            if shared:
+                _CACHES[model] = cached
+        cached.leased = True
     cached.load_prefill(prefill, key_valid)
     return cached
 
 
+def return_static_cache(cache: StaticHybridCache) -> None:
+    """End of a ``generate()`` call's lease (``static_cache_for``)."""
+    with _LEASE:
+        cache.leased = False
+
+
 def release_static_cache(model) -> None:
     """Free the static cache and CUDA graphs kept for ``model`` since its last static ``generate()``."""
-    _CACHES.pop(model, None)
+    with _LEASE:
+        _CACHES.pop(model, None)
 
 
 def forward_block(model, cache: StaticHybridCache, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
