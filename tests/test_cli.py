@@ -118,6 +118,22 @@ def test_demo_command_streams_text_and_warns_about_random_weights(capsys, tmp_pa
     assert "RANDOM weights" in err and "gibberish" in err
     assert "Traceback" not in err
     assert (directory / "model.safetensors").is_file() and (directory / "tokenizer.json").is_file()
+    # a second run may rewrite the directory it wrote
+    assert run_main(capsys, "demo", "--dir", str(directory), "--max-new-tokens", "4", *CPU, "Hello")[0] == 0
+
+
+def test_demo_refuses_a_directory_holding_files_it_did_not_write(capsys, tmp_path, demo_dir):
+    """A real checkpoint (here: a copy of one) in --dir stays byte for byte as it was; the error names the files."""
+    import shutil
+
+    directory = tmp_path / "checkpoint"
+    shutil.copytree(demo_dir, directory)
+    (directory / ".qwen35-demo").unlink()  # now it is not ours
+    before = {path.name: path.read_bytes() for path in directory.iterdir()}
+    code, out, err = run_main(capsys, "demo", "--dir", str(directory), *CPU, "Hello")
+    assert code != 0 and "Traceback" not in err
+    assert "never overwrites files it did not create" in err and "config.json" in err
+    assert {path.name: path.read_bytes() for path in directory.iterdir()} == before
 
 
 def test_generate_no_chat_prints_exactly_the_greedy_continuation(capsys, demo_dir, reference):

@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextSt
 from transformers.utils import logging as transformers_logging
 
 from . import __version__
-from .demo import build_demo_checkpoint
+from .demo import build_demo_checkpoint, claim_demo_directory
 from .sampling import apply_card
 
 PROG = "qwen35"
@@ -450,8 +450,10 @@ def run_demo(args: argparse.Namespace) -> int:
             directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qwen35-demo-")))
         else:
             directory = Path(args.dir).expanduser()
-            if directory.exists() and not directory.is_dir():
-                raise CliError(f"--dir {args.dir} is a file; give a directory to write the demo checkpoint into.")
+            try:
+                claim_demo_directory(directory)  # before any work: a foreign directory is refused untouched
+            except FileExistsError as error:
+                raise CliError(f"--dir {args.dir}: {error}") from None
         info(f"demo: writing a tiny Qwen3.5 checkpoint to {directory}")
         build_demo_checkpoint(directory)
         info(RANDOM_WEIGHTS_NOTICE)

@@ -96,6 +96,30 @@ def make_demo_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+# Written into every directory the demo fills: a later run may rewrite a directory holding it, and no other.
+DEMO_MARKER = ".qwen35-demo"
+
+
+def claim_demo_directory(directory: str | os.PathLike) -> Path:
+    """Make ``directory`` the demo's: create it, or take it when it is empty or an earlier demo wrote it. A directory
+    holding anything else is refused (FileExistsError) before anything is written: the demo never overwrites files
+    it did not create, such as a real checkpoint."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} is a file; give a new or empty directory for the demo checkpoint.")
+    if directory.is_dir() and not (directory / DEMO_MARKER).exists():
+        present = sorted(entry.name for entry in directory.iterdir())
+        if present:
+            shown = ", ".join(present[:4]) + (f" and {len(present) - 4} more" if len(present) > 4 else "")
+            raise FileExistsError(
+                f"{directory} already holds files the demo did not write ({shown}). The demo never overwrites "
+                "files it did not create: give a new or empty directory."
+            )
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / DEMO_MARKER).write_text("Written by `qwen35 demo` (random weights); the demo may rewrite this directory.\n")
+    return directory
+
+
 def build_demo_tokenizer(directory: str | os.PathLike) -> PreTrainedTokenizerFast:
     """Build the demo tokenizer offline and save it (``tokenizer.json`` + ``tokenizer_config.json``) to ``directory``.
 
@@ -104,8 +128,7 @@ def build_demo_tokenizer(directory: str | os.PathLike) -> PreTrainedTokenizerFas
     placeholders and a ChatML chat template. Returns the tokenizer.
     """
     tokenizer = make_demo_tokenizer()
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(claim_demo_directory(directory)))
     return tokenizer
 
 
@@ -148,9 +171,10 @@ def build_demo_checkpoint(directory: str | os.PathLike, seed: int = 0) -> Path:
     It holds the official layout (composite ``config.json``, ``model.safetensors`` with ``model.language_model.*``,
     ``model.visual.*`` and ``mtp.*`` tensors), the demo tokenizer, the official image/video processor files and a
     greedy ``generation_config.json``, so ``AutoTokenizer`` / ``AutoProcessor`` / ``AutoModelForCausalLM`` /
-    ``AutoModelForImageTextToText.from_pretrained(path)`` work on it exactly as on a real checkpoint.
+    ``AutoModelForImageTextToText.from_pretrained(path)`` work on it exactly as on a real checkpoint. A directory
+    holding files the demo did not write is refused (``claim_demo_directory``).
     """
-    directory = Path(directory)
+    directory = claim_demo_directory(directory)
     tokenizer = make_demo_tokenizer()
     config = tiny_config(vocab_size=_demo_vocab_size(tokenizer))
     text_config = config.text_config
@@ -167,4 +191,11 @@ def build_demo_checkpoint(directory: str | os.PathLike, seed: int = 0) -> Path:
     return directory
 
 
-__all__ = ["build_demo_checkpoint", "build_demo_tokenizer", "make_demo_tokenizer", "CHAT_TEMPLATE", "TRAINING_TEXT"]
+__all__ = [
+    "build_demo_checkpoint",
+    "build_demo_tokenizer",
+    "claim_demo_directory",
+    "make_demo_tokenizer",
+    "CHAT_TEMPLATE",
+    "TRAINING_TEXT",
+]
