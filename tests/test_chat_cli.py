@@ -84,6 +84,17 @@ def test_mtp_drafts_leave_the_answers_unchanged(capsys, monkeypatch, demo_dir):
     assert plain_code == 0 and out == plain_out and out.strip()
 
 
+def test_replies_with_special_tokens_do_not_break_the_next_turn(capsys, monkeypatch, demo_dir):
+    """The demo's random model emits vision placeholders within 60 tokens; the history keeps the reply without them,
+    so the next turn is not asked for a video (it was, before: "The text has 4 <|video_pad|> placeholder(s)...")."""
+    lines = ["Hello", "Again", "More", "/exit"]
+    code, out, err = chat(capsys, monkeypatch, demo_dir, lines, "--max-new-tokens", "60", "--temperature", "0")
+    assert code == 0, err
+    assert "<|video_pad|>" in out  # shown as generated
+    assert "error" not in err and "placeholder" not in err
+    assert out.count("\n") >= 3  # three answers
+
+
 def test_hidden_reasoning_and_reset(capsys, monkeypatch, demo_dir):
     lines = ["Why is the sky blue?", "/reset", "Why is the sky blue?"]
     code, out, err = chat(capsys, monkeypatch, demo_dir, lines, "--think", "--hide-reasoning")

@@ -192,10 +192,18 @@ class ChatSession:
             signal.signal(signal.SIGINT, previous)
         if interrupt.requested:
             info("stopped")
-        reply = {"role": "assistant", "content": "".join(streamer.content)}
+        reply = {"role": "assistant", "content": self._history_text("".join(streamer.content))}
         if self.thinking:
-            reply["reasoning_content"] = "".join(streamer.reasoning)
+            reply["reasoning_content"] = self._history_text("".join(streamer.reasoning))
         self.messages.append(reply)
+
+    def _history_text(self, text: str) -> str:
+        """A reply as the conversation keeps it: shown as generated, stored without the tokenizer's special tokens.
+        Models emit them (random and fine-tuned ones often); kept, a vision placeholder would make the next turn ask
+        for an image that was never given, and an ``<|im_start|>`` would open a turn of its own."""
+        for token in sorted(self.tokenizer.all_special_tokens, key=len, reverse=True):
+            text = text.replace(token, "")
+        return text
 
     def settings(self, vision: bool):
         """The checkpoint's generation config, or the card's setting for this size and mode; the flags win."""

@@ -116,7 +116,9 @@ def claim_demo_directory(directory: str | os.PathLike) -> Path:
                 "files it did not create: give a new or empty directory."
             )
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / DEMO_MARKER).write_text("Written by `qwen35 demo` (random weights); the demo may rewrite this directory.\n")
+    (directory / DEMO_MARKER).write_text(
+        "Written by `qwen35 demo` (random weights); the demo may rewrite this directory.\n"
+    )
     return directory
 
 
