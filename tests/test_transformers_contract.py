@@ -542,3 +542,36 @@ def test_generate_with_a_compiled_forward_gives_eager_tokens():
     assert torch.equal(model.generate(ids, **kwargs), reference)
     assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), reference)
     assert not type(model)._can_compile_fullgraph  # padding and packing are found from the data (graph breaks)
+
+
+# --- bad input: a clear error before any compute (issue 18) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        (torch.tensor([[5, 99, 3]]), "the id 99, outside this model's vocabulary of 99 ids"),
+        (torch.tensor([[5, -1, 3]]), "the id -1, outside"),
+        (torch.zeros(1, 0, dtype=torch.long), "at least one token"),
+        (torch.tensor([5, 9, 3]), r"\(batch, tokens\)"),
+        (torch.tensor([[5.0, 9.0]]), "integer token ids"),
+    ],
+)
+def test_token_ids_the_embedding_cannot_take_are_refused_clearly(kind, ids, message):
+    model = build(kind)
+    with pytest.raises(ValueError, match=message):
+        _run(model, ids)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(rope_parameters={"rope_type": "default", "rope_theta": 0.0, "partial_rotary_factor": 0.5}), "rope_theta"),
+        (dict(rope_parameters={"rope_type": "default", "rope_theta": -5.0, "partial_rotary_factor": 0.5}), "positive"),
+        (dict(rms_norm_eps=-1e-6), "rms_norm_eps"),
+        (dict(rms_norm_eps=float("nan")), "rms_norm_eps"),
+    ],
+)
+def test_configs_that_would_give_nan_are_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        Qwen3_5TextConfig(**tiny_text_kwargs(**override))

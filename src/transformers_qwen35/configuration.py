@@ -14,6 +14,8 @@ Inconsistent values raise a ``ValueError`` that names the field, before any weig
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -150,6 +152,18 @@ class Qwen3_5TextConfig(PretrainedConfig):
 
     def _validate_rope(self) -> None:
         rope = self.rope_parameters or {}
+        theta = rope.get("rope_theta", getattr(self, "rope_theta", None))
+        if theta is not None and not (isinstance(theta, (int, float)) and 0 < theta < math.inf):
+            raise ValueError(
+                f"Qwen3_5TextConfig rope_theta must be a positive number (the official checkpoints use 10000000), got "
+                f"{theta!r}: zero or negative bases make every rotary angle NaN."
+            )
+        eps = self.rms_norm_eps
+        if not (isinstance(eps, (int, float)) and 0 <= eps < math.inf):
+            raise ValueError(
+                f"Qwen3_5TextConfig.rms_norm_eps must be 0 or a small positive number (the official value is 1e-06), "
+                f"got {eps!r}: a negative epsilon makes the norms NaN."
+            )
         rotary_dim = int(self.head_dim * rope.get("partial_rotary_factor", 1.0))
         if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > self.head_dim:
             raise ValueError(

@@ -603,6 +603,28 @@ def _use_recommended_sampling(model) -> None:
     model.recommended_sampling_size = size  # qwen35 chat switches the setting with the mode
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int, continuing: bool = False) -> None:
+    """Refuse ids the embedding cannot look up, before it does (on CUDA that would be a device-side assert that
+    ruins the process's CUDA context). One-token steps of a running generation are the model's own samples and skip
+    the device sync on GPU."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(
+            f"input_ids must be (batch, tokens) with at least one token, got shape {tuple(input_ids.shape)}: "
+            "tokenize a non-empty prompt (a 1-D tensor needs [None] for a batch of one)."
+        )
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}.")
+    if torch.compiler.is_compiling() or (continuing and input_ids.shape[1] == 1 and input_ids.device.type != "cpu"):
+        return
+    low, high = (int(v) for v in torch.aminmax(input_ids))
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"input_ids holds the id {bad}, outside this model's vocabulary of {vocab_size} ids (0 to {vocab_size - 1})"
+            ": encode the text with this checkpoint's tokenizer, and pad with its pad_token_id."
+        )
+
+
 def _text_positions(position_ids, batch, length, past, device):
     """Split any accepted position layout into (text positions (B, T) or None, rope rows (3, B, T))."""
     if position_ids is None:
@@ -740,7 +762,12 @@ class Qwen3_5TextModel(Qwen3_5PreTrainedModel):
         use_cache = self.resolve_use_cache(use_cache)
         cache = model_state(cache if cache is not None else past_key_values, self.config)
         if inputs_embeds is None:
+            check_token_ids(input_ids, self.config.vocab_size, continuing=cache is not None and cache.seen_tokens > 0)
             inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
+            raise ValueError(
+                f"inputs_embeds must be (batch, tokens, hidden) with at least one token, got {tuple(inputs_embeds.shape)}."
+            )
         batch, length = inputs_embeds.shape[:2]
         device = inputs_embeds.device
         past = cache.get_seq_length() if cache is not None else 0

@@ -20,7 +20,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .cache import Qwen3_5HybridCache, model_state
 from .configuration import Qwen3_5Config
-from .modeling import LM_HEAD_TP_PLAN, Qwen3_5PreTrainedModel, Qwen3_5TextModel
+from .modeling import LM_HEAD_TP_PLAN, Qwen3_5PreTrainedModel, Qwen3_5TextModel, check_token_ids
 from .multimodal_positions import IMAGE, TEXT, VIDEO, rope_positions, token_types
 from .vision import Qwen3_5VisionModel, validate_grids
 
@@ -119,6 +119,8 @@ class Qwen3_5Model(Qwen3_5PreTrainedModel):
         cache = model_state(cache if cache is not None else past_key_values, self.config.text_config)
         use_cache = self.language_model.resolve_use_cache(use_cache)
         past = cache.get_seq_length() if cache is not None else 0
+        if input_ids is not None:
+            check_token_ids(input_ids, self.config.text_config.vocab_size, continuing=past > 0)
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         types = self._token_types(input_ids, mm_token_type_ids, batch, length)
         self._check_inputs(types, past, length, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
