@@ -15,7 +15,6 @@ Inconsistent values raise a ``ValueError`` that names the field, before any weig
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 from transformers import PretrainedConfig
