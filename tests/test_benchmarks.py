@@ -85,3 +85,22 @@ def test_keep_triton_cache_merges_autotuning_results_and_keeps_the_returned_kern
 @pytest.mark.parametrize("script", ["device_check.sh", "keep_triton_cache.sh"])
 def test_the_shell_scripts_parse(script):
     run_script("bash", "-n", str(BENCHMARKS / script), timeout=30)
+
+
+PARSER_SHAPES = [
+    "words",
+    "answer then blank lines",
+    "reasoning then blank lines",
+    "spaces",
+    "many '<'",
+    "long tool argument",
+]
+
+
+def test_parser_time_measures_every_shape_and_size():
+    stdout = run_script(sys.executable, "benchmarks/parser_time.py", "--sizes", "500,2000")
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert [(r["shape"], r["size"]) for r in summary["results"]] == [
+        (shape, size) for size in (500, 2000) for shape in PARSER_SHAPES
+    ]
+    assert all(r["parse_s"] >= 0 and r["stream_s"] > 0 for r in summary["results"])

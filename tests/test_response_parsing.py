@@ -708,3 +708,27 @@ def test_random_blocks_and_values_never_raise():
         assert block is None or (isinstance(block["name"], str) and isinstance(block["arguments"], dict))
         for schema in schemas:
             _convert_value(text, schema)
+
+
+@pytest.mark.parametrize(
+    "thinking, text",
+    [
+        (False, "answer" + "\n" * 20000 + "end"),
+        (True, "r" + "\n \n" * 7000 + "</think>" + " " * 9000 + "done\n\n"),
+        (False, "a" + " " * 20000),
+        (False, "<" * 20000),
+    ],
+    ids=["blank-lines", "reasoning-blank-lines", "trailing-spaces", "angles"],
+)
+def test_long_held_back_runs_stream_to_the_whole_texts_result(thinking, text):
+    """The runs of whitespace the channels hold back (the inputs that once streamed in quadratic time; timings are in
+    benchmarks/parser_time.py): the joined events equal parse_response of the whole text, exactly."""
+    parser = StreamingResponseParser(thinking=thinking)
+    events = []
+    for start in range(0, len(text), 3):
+        events += parser.feed(text[start : start + 3])
+    events += parser.finish()
+    expected = parse_response(text, thinking=thinking)
+    assert "".join(value for kind, value in events if kind == "content") == expected["content"]
+    if thinking:
+        assert "".join(value for kind, value in events if kind == "reasoning") == expected["reasoning"]

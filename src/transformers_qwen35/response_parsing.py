@@ -481,13 +481,14 @@ def parse_response(text: str, thinking: bool, tools: list | None = None) -> dict
 
 class _Trimmer:
     """Emit a text channel piece by piece so that the pieces join to the ``strip()`` of the whole: leading whitespace
-    is dropped, and trailing whitespace is held until something other than whitespace follows it."""
+    is dropped, and trailing whitespace is held until something other than whitespace follows it. Held whitespace is
+    kept in pieces and joined once, when it is emitted: a long run of blank lines streams in linear time."""
 
     __slots__ = ("started", "pending")
 
     def __init__(self) -> None:
         self.started = False
-        self.pending = ""
+        self.pending: list[str] = []
 
     def push(self, text: str) -> str:
         if not text:
@@ -497,10 +498,13 @@ class _Trimmer:
             if not text:
                 return ""
             self.started = True
-        text = self.pending + text
-        kept = len(text.rstrip())
-        self.pending = text[kept:]
-        return text[:kept]
+        kept = text.rstrip()
+        if not kept:  # whitespace only: hold it
+            self.pending.append(text)
+            return ""
+        out = "".join(self.pending) + kept
+        self.pending = [text[len(kept) :]] if len(kept) < len(text) else []
+        return out
 
 
 class _StopCutter:
