@@ -137,3 +137,25 @@ def test_vision_language_model_saves_the_official_checkpoint_back(official_dir, 
     for name, tensor in original.items():
         assert written[name].dtype == tensor.dtype, name
         assert torch.equal(written[name], tensor), name
+
+
+def test_a_config_that_does_not_describe_the_weights_is_refused_before_allocation(tmp_path):
+    """A composite config.json without text_config (so: the 9B defaults, ~36 GB in fp32) over tiny weights: refused
+    from the file headers, naming a tensor and both shapes, before a model is built."""
+    import json
+
+    import psutil
+    from transformers import AutoModelForCausalLM
+
+    from transformers_qwen35.demo import build_demo_checkpoint
+
+    directory = build_demo_checkpoint(tmp_path / "ckpt")
+    config = json.loads((directory / "config.json").read_text())
+    del config["text_config"]
+    (directory / "config.json").write_text(json.dumps(config))
+    before = psutil.Process().memory_info().rss
+    with pytest.raises(
+        ValueError, match=r"model.embed_tokens.weight \[512, 64\] \(config: \[248320, 4096\]\).*text_config"
+    ):
+        AutoModelForCausalLM.from_pretrained(directory)
+    assert psutil.Process().memory_info().rss - before < 2**30  # nothing of the 9B was allocated

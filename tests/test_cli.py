@@ -243,6 +243,40 @@ def test_corrupt_safetensors_is_named_in_one_error(capsys, tmp_path, demo_dir, d
     assert f"the weights file {weights} is damaged or incomplete" in line
 
 
+def _rewritten_checkpoint(demo_dir, directory, change):
+    """A copy of the demo checkpoint whose tensors went through ``change(dict)``."""
+    from safetensors.torch import load_file, save_file
+
+    copy = shutil.copytree(demo_dir, directory)
+    (copy / ".qwen35-demo").unlink()
+    tensors = load_file(str(copy / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    return copy
+
+
+def test_checkpoint_missing_weights_is_refused_unless_allowed(capsys, tmp_path, demo_dir):
+    name = "model.language_model.layers.1.mlp.up_proj.weight"
+    partial = _rewritten_checkpoint(demo_dir, tmp_path / "partial", lambda tensors: tensors.pop(name))
+    line = assert_single_error_line(*run_main(capsys, "generate", "--model", str(partial), *CPU, "hi"))
+    assert "lacks 1 of the model's weights (model.layers.1.mlp.up_proj.weight)" in line
+    assert "--allow-missing-weights" in line
+    args = ("generate", "--model", str(partial), "--allow-missing-weights", "--max-new-tokens", "3", *CPU, "hi")
+    code, out, err = run_main(capsys, *args)
+    assert code == 0 and "WARNING: 1 weights are missing" in err and "RANDOM" in err
+
+
+def test_checkpoint_with_integer_weights_is_refused(capsys, tmp_path, demo_dir):
+    name = "model.language_model.layers.0.mlp.down_proj.weight"
+
+    def to_int8(tensors):
+        tensors[name] = tensors[name].to(torch.int8)
+
+    broken = _rewritten_checkpoint(demo_dir, tmp_path / "int8", to_int8)
+    line = assert_single_error_line(*run_main(capsys, "generate", "--model", str(broken), *CPU, "hi"))
+    assert "stores 1 weight(s) as integers" in line and "(I8)" in line
+
+
 def test_checkpoint_without_tokenizer_is_refused(capsys, tmp_path, demo_dir):
     bare = tmp_path / "bare"
     bare.mkdir()

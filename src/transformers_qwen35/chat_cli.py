@@ -25,6 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .chat_template import thinking_default_for
 from .cli import (
+    ALLOW_MISSING_HELP,
     MTP_HELP,
     CliError,
     check_checkpoint,
@@ -246,7 +247,7 @@ def run_chat(args: argparse.Namespace) -> int:
         elif args.model is None:
             raise CliError("say which model to chat with: --model PATH_OR_HUB_ID, or --demo for the offline demo.")
         source = resolve_model_source(args.model)
-        check_checkpoint(source)
+        check_checkpoint(source, args.allow_missing_weights)
         device = choose_device(args.device)
         info(f"loading {source.name} on {device}")
         model, tokenizer, processor = _load(source, choose_dtype(args.dtype, device), device)
@@ -295,6 +296,7 @@ def add_chat_parser(commands, generation_types) -> None:
     )
     add = chat.add_argument
     add("--model", default=None, metavar="PATH_OR_HUB_ID", help="a local checkpoint directory or a Hub id")
+    add("--allow-missing-weights", action="store_true", help=ALLOW_MISSING_HELP)
     add("--demo", action="store_true", help="chat with the tiny random-weight demo checkpoint, offline")
     add("--think", "--thinking", dest="think", action=argparse.BooleanOptionalAction, default=None,
         help="start with thinking on or off (default: the model's: off for 0.8B/2B, on for 4B/9B)")  # fmt: skip

@@ -3,6 +3,8 @@
 * :func:`official_tensors` lists every tensor of an official checkpoint for a composite config (text, vision, MTP);
   its counts and byte total reproduce the official ``model.safetensors.index.json`` files.
 * :func:`write_random_checkpoint` writes a random-weight checkpoint in exactly that layout (tests, ``qwen35 demo``).
+* :func:`check_checkpoint_tensors` compares a checkpoint's tensors with a config from the file headers alone,
+  before any weight is allocated (wrong shapes, integer dtypes, missing tensors).
 * :class:`CarriedTensors` keeps track of what a text-only model loads but does not use (``model.visual.*``,
   ``mtp.*``) and of the composite ``config.json``, so that ``save_pretrained`` writes the official checkpoint back
   whole instead of silently dropping them. Tensors are read lazily from the source files at save time.
@@ -172,7 +174,74 @@ def _checkpoint_files(directory: Path) -> dict[str, Path]:
     return {}
 
 
-def _local_directory(name_or_path: str | os.PathLike, kwargs: dict) -> Path | None:
+# safetensors dtype names that can hold a weight (an integer tensor where a weight belongs would be cast silently).
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def checkpoint_inventory(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """tensor name -> (shape, safetensors dtype name), from the files' headers: nothing is read or allocated."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in _checkpoint_files(directory).items():
+        by_file.setdefault(file, []).append(name)
+    inventory = {}
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt") as handle:
+            present = set(handle.keys())
+            for name in names:
+                if name in present:
+                    piece = handle.get_slice(name)
+                    inventory[name] = (tuple(piece.get_shape()), piece.get_dtype())
+    return inventory
+
+
+def _decoder_key(name: str) -> str:
+    """One spelling for the text decoder's tensors: official files say model.language_model.*, text-only saves model.*"""
+    return "model." + name[len(TEXT_PREFIX) :] if name.startswith(TEXT_PREFIX) else name
+
+
+def check_checkpoint_tensors(directory: Path, config, with_vision: bool, check_shapes: bool = True) -> list[str]:
+    """Compare a local checkpoint's tensors (headers only) with what a model of ``config`` needs: the text decoder,
+    ``lm_head`` when untied, the vision tower when ``with_vision``. Raises ValueError naming the first tensors of
+    the wrong shape (unless ``check_shapes`` is off) or of a non-float dtype; returns the names the checkpoint lacks
+    (the caller decides: transformers would fill them with random values)."""
+    inventory = checkpoint_inventory(directory)
+    if not inventory:
+        return []  # no safetensors files (transformers reads other formats itself)
+    composite = config if isinstance(config, Qwen3_5Config) else Qwen3_5Config(text_config=config.to_dict())
+    composite.tie_word_embeddings = config.get_text_config().tie_word_embeddings
+    wanted = {
+        _decoder_key(name): shape
+        for name, (shape, _) in official_tensors(composite).items()
+        if name.startswith(TEXT_PREFIX)
+        or name == "lm_head.weight"
+        or (with_vision and name.startswith("model.visual."))
+    }
+    present = {_decoder_key(name): value for name, value in inventory.items()}
+    not_float = [
+        f"{name} ({dtype})" for name, (_, dtype) in present.items() if name in wanted and dtype not in FLOAT_DTYPES
+    ]
+    if not_float:
+        raise ValueError(
+            f"{directory} stores {len(not_float)} weight(s) as integers, e.g. {', '.join(not_float[:3])}: they would be "
+            "cast to floats silently. Quantised checkpoints need their quantisation config; otherwise download the "
+            "checkpoint again."
+        )
+    if check_shapes:
+        wrong = [
+            f"{name} {list(present[name][0])} (config: {list(shape)})"
+            for name, shape in wanted.items()
+            if name in present and tuple(present[name][0]) != tuple(shape)
+        ]
+        if wrong:
+            raise ValueError(
+                f"{directory}: {len(wrong)} tensor(s) do not match config.json, e.g. {'; '.join(wrong[:3])}. The "
+                "config does not describe these weights (a composite config.json needs its text_config and "
+                "vision_config: without them the 9B defaults apply). Use the config.json that came with the weights."
+            )
+    return sorted(name for name in wanted if name not in present)
+
+
+def local_checkpoint_directory(name_or_path: str | os.PathLike, kwargs: dict) -> Path | None:
     path = Path(name_or_path)
     if path.is_dir():
         return path
@@ -204,7 +273,7 @@ class CarriedTensors:
         cls, name_or_path, kwargs: dict, prefixes: tuple[str, ...] = CARRIED_PREFIXES, text_only: bool = True
     ) -> CarriedTensors | None:
         """``prefixes``: the tensors the model leaves unused; ``text_only``: also keep the composite config."""
-        directory = _local_directory(name_or_path, kwargs)
+        directory = local_checkpoint_directory(name_or_path, kwargs)
         if directory is None:
             return None
         files = {name: file for name, file in _checkpoint_files(directory).items() if name.startswith(prefixes)}

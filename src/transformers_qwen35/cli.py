@@ -31,6 +31,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextSt
 from transformers.utils import logging as transformers_logging
 
 from . import __version__
+from .checkpoint import check_checkpoint_tensors
+from .configuration import Qwen3_5TextConfig
 from .demo import build_demo_checkpoint, claim_demo_directory
 from .sampling import apply_card
 
@@ -193,7 +195,7 @@ def check_safetensors_headers(files: list[Path]) -> None:
             ) from None
 
 
-def check_local_checkpoint(directory: Path) -> None:
+def check_local_checkpoint(directory: Path, allow_missing_weights: bool = False) -> None:
     """Everything that can be wrong with a local directory, found before a single weight is loaded."""
     check_model_type(read_config_json(directory).get("model_type"), str(directory))
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
@@ -204,6 +206,27 @@ def check_local_checkpoint(directory: Path) -> None:
     weights = safetensors_files(directory)
     if weights:
         check_safetensors_headers(weights)
+        check_weights_fit_config(directory, allow_missing_weights)
+
+
+def check_weights_fit_config(directory: Path, allow_missing_weights: bool) -> None:
+    """The text decoder's tensors against config.json, from the file headers: wrong shapes and integer weights are
+    refused; missing ones too (transformers would fill them with random values and the answers would be gibberish),
+    unless --allow-missing-weights."""
+    try:
+        config = Qwen3_5TextConfig.from_pretrained(directory)
+        missing = check_checkpoint_tensors(directory, config, with_vision=False)
+    except ValueError as error:
+        raise CliError(first_line(error)) from None
+    if not missing:
+        return
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    if not allow_missing_weights:
+        raise CliError(
+            f"{directory} lacks {len(missing)} of the model's weights ({shown}), which would be filled with random "
+            "values: download the checkpoint again, or pass --allow-missing-weights to run it anyway."
+        )
+    info(f"WARNING: {len(missing)} weights are missing ({shown}) and are RANDOM: expect meaningless output.")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -294,9 +317,9 @@ def check_hub_config(source: ModelSource) -> None:
     check_model_type(config.model_type, source.name)
 
 
-def check_checkpoint(source: ModelSource) -> None:
+def check_checkpoint(source: ModelSource, allow_missing_weights: bool = False) -> None:
     if source.is_local:
-        check_local_checkpoint(source.local_dir)
+        check_local_checkpoint(source.local_dir, allow_missing_weights)
     else:
         check_hub_config(source)
 
@@ -407,7 +430,7 @@ def transformers_output(verbose: bool):
 def run_generate(args: argparse.Namespace) -> int:
     """Load, format the prompt, and stream the continuation to stdout. ``demo`` ends here too."""
     source = resolve_model_source(args.model)
-    check_checkpoint(source)
+    check_checkpoint(source, args.allow_missing_weights)
     device = choose_device(args.device)
     dtype = choose_dtype(args.dtype, device)
     origin = "" if source.is_local or not source.local_files_only else " (offline: from the local cache)"
@@ -500,6 +523,9 @@ MTP_HELP = (
 )
 
 
+ALLOW_MISSING_HELP = "run a checkpoint that lacks some weights (they are random: the output is meaningless)"
+
+
 def generation_options(max_new_tokens: int) -> argparse.ArgumentParser:
     """The options ``generate`` and ``demo`` share (``demo`` has a smaller default length)."""
     options = argparse.ArgumentParser(add_help=False)
@@ -553,6 +579,7 @@ def generation_options(max_new_tokens: int) -> argparse.ArgumentParser:
     )
     add("--verbose", action="store_true", help="show transformers' progress bars and warnings")
     add("--debug", action="store_true", help="on an error, show the full traceback")
+    add("--allow-missing-weights", action="store_true", help=ALLOW_MISSING_HELP)
     return options
 
 

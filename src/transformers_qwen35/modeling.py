@@ -24,7 +24,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -34,7 +34,7 @@ from transformers.utils.generic import can_return_tuple
 
 from . import kernels, training_graphs
 from .cache import Qwen3_5HybridCache, model_state, returned_cache
-from .checkpoint import CarriedTensors
+from .checkpoint import CarriedTensors, check_checkpoint_tensors, local_checkpoint_directory
 from .chunked_loss import causal_lm_loss
 from .configuration import FULL_ATTENTION, LINEAR_ATTENTION, Qwen3_5Config, Qwen3_5TextConfig
 from .packing import Segments, find_segments
@@ -413,6 +413,8 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        if pretrained_model_name_or_path is not None:
+            cls._check_weights_fit_config(pretrained_model_name_or_path, kwargs)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) with output_loading_info
         if not cls.carries_checkpoint_extras:
@@ -429,6 +431,26 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
         if getattr(model, "generation_config", None) is not None and model.generation_config._from_model_config:
             _use_recommended_sampling(model)
         return loaded
+
+    @classmethod
+    def _check_weights_fit_config(cls, name_or_path, kwargs: dict) -> None:
+        """Before anything is allocated: the local checkpoint's tensor shapes and dtypes (file headers only) against
+        the config the model will be built from. A config.json that does not describe the weights (a composite one
+        without text_config builds the 9B) is refused here, not after a model of the wrong size was allocated.
+        Missing tensors are transformers' to report; ``ignore_mismatched_sizes=True`` skips the shape check."""
+        directory = local_checkpoint_directory(name_or_path, kwargs)
+        if directory is None:
+            return
+        config = kwargs.get("config")
+        if not isinstance(config, PretrainedConfig):
+            try:
+                config = cls.config_class.from_pretrained(directory)
+            except Exception:
+                return  # transformers reports an unreadable config itself
+        with_vision = not isinstance(config, Qwen3_5TextConfig)
+        check_checkpoint_tensors(
+            directory, config, with_vision, check_shapes=not kwargs.get("ignore_mismatched_sizes", False)
+        )
 
     @classmethod
     def _from_config(cls, config, **kwargs):
