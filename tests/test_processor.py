@@ -141,13 +141,15 @@ def test_bad_images_raise_clear_errors(processor, images, text, message):
 def test_unreadable_file_and_offline_url(processor, tmp_path, monkeypatch):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"this is not a jpeg")
-    with pytest.raises(ValueError, match="could not read"):
+    with pytest.raises(ValueError, match="is not an image PIL can read"):
         processor(text=[IMAGE], images=[str(broken)])
 
     def offline(*args, **kwargs):
-        raise ConnectionError("network is unreachable")
+        import urllib.error
 
-    monkeypatch.setattr("transformers.image_utils.httpx.get", offline)
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
     with pytest.raises(ValueError, match="could not fetch.*no network"):
         processor(text=[IMAGE], images=["https://example.com/cat.jpg"])
 

@@ -157,10 +157,11 @@ class ChatSession:
         if not path:
             info("usage: /image PATH")
             return
-        from .processing import _open_image
+        from .media import MediaPolicy, open_image, to_8bit
 
         try:
-            image = _open_image(str(Path(path).expanduser()), len(self.images)).convert("RGB")
+            index = len(self.images)
+            image = to_8bit(open_image(str(Path(path).expanduser()), index, MediaPolicy()), index).convert("RGB")
         except ValueError as error:
             info(f"error: {error}")
             return

@@ -24,6 +24,7 @@ from transformers.utils import logging
 
 from .chat_template import get_chat_template, thinking_default_for
 from .checkpoint import read_checkpoint_json
+from .media import MediaPolicy, open_image, to_8bit
 
 logger = logging.get_logger(__name__)
 
@@ -91,6 +92,8 @@ class Qwen3_5Processor(Qwen3VLProcessor):
         image_processor = image_processor if image_processor is not None else default_image_processor()
         chat_template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
         super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template, **kwargs)
+        # What images named in messages may be (URLs, local paths) and how long a download may take: media.py.
+        self.media_policy = MediaPolicy.from_env()
 
     def check_argument_for_proper_class(self, argument_name, argument):
         if argument_name == "video_processor" and argument is None:
@@ -136,7 +139,7 @@ class Qwen3_5Processor(Qwen3VLProcessor):
     # ---------------------------------------------------------------------------------------------------- calling
 
     def __call__(self, images=None, text=None, videos=None, **kwargs):
-        images = _check_images(images)
+        images = _check_images(images, self.media_policy)
         videos = self._check_videos(videos)
         _check_placeholder_counts(text, images, videos, self.image_token, self.video_token)
         try:
@@ -156,6 +159,12 @@ class Qwen3_5Processor(Qwen3VLProcessor):
         if videos is None or (isinstance(videos, (list, tuple)) and len(videos) == 0):
             return None
         items = _list_videos(videos)
+        for index, video in enumerate(items):
+            if isinstance(video, (str, os.PathLike)):
+                remote = str(video).startswith(("http://", "https://"))
+                if not (self.media_policy.allow_remote if remote else self.media_policy.allow_local):
+                    where = "video URLs" if remote else "local video paths"
+                    raise ValueError(f"Video {index}: {where} are turned off here (processor.media_policy).")
         needed = getattr(self.video_processor, "temporal_patch_size", OFFICIAL_VIDEO_PROCESSOR["temporal_patch_size"])
         for index, video in enumerate(items):
             if isinstance(video, (str, os.PathLike)):
@@ -200,15 +209,16 @@ def _flatten(images):
     return [images]
 
 
-def _check_images(images):
-    """Open paths and URLs and reject images that cannot be processed, before any resizing."""
+def _check_images(images, policy: MediaPolicy):
+    """Open paths and URLs (within ``policy``) and reject images that cannot be processed, before any resizing."""
     if images is None:
         return None
     from PIL import Image
 
     def load(image, index):
         if isinstance(image, (str, os.PathLike)):
-            image = _open_image(str(image), index)
+            image = open_image(str(image), index, policy)
+        image = to_8bit(image, index)
         if isinstance(image, Image.Image):
             if image.width == 0 or image.height == 0:
                 raise ValueError(f"Image {index} is empty ({image.width}x{image.height} pixels).")
@@ -232,24 +242,6 @@ def _check_images(images):
         return load(item, len(counter) - 1)
 
     return walk(images, [])
-
-
-def _open_image(source: str, index: int):
-    from transformers.image_utils import load_image
-
-    is_url = source.startswith(("http://", "https://"))
-    if not is_url and not Path(source).is_file() and not source.startswith("data:image/"):
-        raise ValueError(f"Image {index}: no file at {source!r}. Give an existing path, an http(s) URL or a PIL image.")
-    try:
-        image = load_image(source)
-        image.load()
-        return image
-    except Exception as error:
-        what = "fetch" if is_url else "read"
-        hint = " (no network here? download it first and pass the path)" if is_url else ""
-        raise ValueError(
-            f"Image {index}: could not {what} {source!r}{hint}: {type(error).__name__}: {error}"
-        ) from error
 
 
 def _check_placeholder_counts(text, images, videos, image_token, video_token):
