@@ -147,3 +147,9 @@ def test_16_bit_pngs_and_float_arrays_mean_what_their_values_say(processor, tmp_
     np.testing.assert_allclose(_pixels(processor, floats), _pixels(processor, rgb8), atol=1e-6)
     with pytest.raises(ValueError, match="negative values"):
         _pixels(processor, floats - 0.5)
+
+
+def test_a_greyscale_array_is_an_image_of_grey_pixels(processor):
+    grey = np.random.default_rng(4).integers(0, 256, (40, 48), dtype=np.uint8)
+    as_rgb = Image.fromarray(grey).convert("RGB")
+    np.testing.assert_allclose(_pixels(processor, grey), _pixels(processor, as_rgb), atol=1e-6)

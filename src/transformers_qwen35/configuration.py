@@ -148,6 +148,15 @@ class Qwen3_5TextConfig(PretrainedConfig):
             )
         _divides(self, "num_attention_heads", "num_key_value_heads")
         _divides(self, "linear_num_value_heads", "linear_num_key_heads")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name, None)
+            ids = value if isinstance(value, (list, tuple)) else [value]
+            bad = [i for i in ids if i is not None and not (isinstance(i, int) and 0 <= i < self.vocab_size)]
+            if bad:
+                raise ValueError(
+                    f"Qwen3_5TextConfig.{name} is {value!r}, outside the vocabulary of {self.vocab_size} ids: use an id "
+                    "of the tokenizer (e.g. tokenizer.pad_token_id), or None."
+                )
 
     def _validate_rope(self) -> None:
         rope = self.rope_parameters or {}

@@ -647,11 +647,23 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int, continuing: bool =
         )
 
 
+def check_position_ids(position_ids: torch.Tensor, batch: int, length: int) -> None:
+    """Shapes ``(B or 1, T)``, ``(3 or 4, B or 1, T)``, integer values; else a ValueError that says what fits."""
+    if position_ids.dim() in (2, 3) and (position_ids.shape[-1] != length or position_ids.shape[-2] not in (1, batch)):
+        raise ValueError(
+            f"position_ids has shape {tuple(position_ids.shape)} but the input is {batch} row(s) of {length} token(s): "
+            f"give (batch or 1, {length}), or (3 or 4, batch or 1, {length}) for multimodal positions."
+        )
+    if position_ids.dtype.is_floating_point:
+        raise ValueError(f"position_ids must hold integer positions, got {position_ids.dtype}.")
+
+
 def _text_positions(position_ids, batch, length, past, device):
     """Split any accepted position layout into (text positions (B, T) or None, rope rows (3, B, T))."""
     if position_ids is None:
         text = torch.arange(past, past + length, device=device).unsqueeze(0).expand(batch, -1)
         return None, text.unsqueeze(0).expand(3, -1, -1)
+    check_position_ids(position_ids, batch, length)
     if position_ids.dim() == 2:
         return position_ids, position_ids.unsqueeze(0).expand(3, -1, -1)
     if position_ids.dim() == 3 and position_ids.shape[0] == 4:

@@ -20,7 +20,13 @@ from transformers.utils.generic import can_return_tuple
 
 from .cache import Qwen3_5HybridCache, model_state
 from .configuration import Qwen3_5Config
-from .modeling import LM_HEAD_TP_PLAN, Qwen3_5PreTrainedModel, Qwen3_5TextModel, check_token_ids
+from .modeling import (
+    LM_HEAD_TP_PLAN,
+    Qwen3_5PreTrainedModel,
+    Qwen3_5TextModel,
+    check_position_ids,
+    check_token_ids,
+)
 from .multimodal_positions import IMAGE, TEXT, VIDEO, rope_positions, token_types
 from .vision import Qwen3_5VisionModel, validate_grids
 
@@ -122,6 +128,8 @@ class Qwen3_5Model(Qwen3_5PreTrainedModel):
         if input_ids is not None:
             check_token_ids(input_ids, self.config.text_config.vocab_size, continuing=past > 0)
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if position_ids is not None:
+            check_position_ids(position_ids, batch, length)
         types = self._token_types(input_ids, mm_token_type_ids, batch, length)
         self._check_inputs(types, past, length, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
 
@@ -164,6 +172,14 @@ class Qwen3_5Model(Qwen3_5PreTrainedModel):
                     f"mm_token_type_ids has shape {tuple(mm_token_type_ids.shape)} but the input is {(batch, length)}: "
                     "pass the processor's mm_token_type_ids with its input_ids, or leave them out."
                 )
+            if input_ids is not None:
+                derived = token_types(input_ids, self.config.image_token_id, self.config.video_token_id)
+                if not torch.equal(derived.to(mm_token_type_ids.device), mm_token_type_ids.to(derived.dtype)):
+                    raise ValueError(
+                        "mm_token_type_ids does not mark the image and video placeholder tokens of input_ids (1 on "
+                        "each <|image_pad|>, 2 on each <|video_pad|>, 0 elsewhere): pass the processor's "
+                        "mm_token_type_ids with its own input_ids, or leave them out (they are derived then)."
+                    )
             return mm_token_type_ids
         if input_ids is None:
             return torch.full((batch, length), TEXT, dtype=torch.int32)

@@ -56,10 +56,15 @@ def find_segments(
     if cu_seq_lens_q is not None:
         if batch != 1:
             raise ValueError(f"cu_seq_lens_q describes a packed batch of one row, but the batch has {batch} rows.")
-        cu = cu_seq_lens_q.to(torch.long)
-        if int(cu[-1]) != length or int(cu[0]) != 0:
+        cu = cu_seq_lens_q.to(torch.long).flatten()
+        if cu.numel() < 2 or int(cu[-1]) != length or int(cu[0]) != 0:
             raise ValueError(
                 f"cu_seq_lens_q must run from 0 to the sequence length {length}, got {cu.tolist()[:3]}...{int(cu[-1])}."
+            )
+        if not bool((cu[1:] > cu[:-1]).all()):
+            raise ValueError(
+                f"cu_seq_lens_q must increase strictly (each packed sample at least one token), got {cu.tolist()[:8]}"
+                f"{'...' if cu.numel() > 8 else ''}: build it with DataCollatorWithFlattening."
             )
         starts = torch.zeros(1, length, dtype=torch.bool, device=cu.device)
         starts[0, cu[:-1][cu[:-1] < length]] = True

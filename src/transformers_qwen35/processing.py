@@ -233,6 +233,9 @@ def _check_images(images, policy: MediaPolicy):
                 f"Image {index} has shape {shape}: Qwen3.5 takes RGB images with 3 channels. Convert it first, e.g. "
                 "PIL.Image.fromarray(array).convert('RGB')."
             )
+        if len(shape) == 2:  # greyscale (H, W): the same grey in each channel, as PIL's convert("RGB") does
+            values = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+            return np.repeat(values[..., None], 3, axis=-1)
         return image
 
     def walk(item, counter):

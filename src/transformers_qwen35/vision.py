@@ -42,6 +42,8 @@ def validate_grids(grid_thw: torch.Tensor, patches: int, config: Qwen3_5VisionCo
         raise ValueError(f"{what} were given without their grid: pass {what}_grid_thw from the processor too.")
     if grid_thw.dim() != 2 or grid_thw.shape[-1] != 3:
         raise ValueError(f"{what}_grid_thw must have shape (items, 3) as (t, h, w); got {tuple(grid_thw.shape)}.")
+    if grid_thw.dtype.is_floating_point or grid_thw.dtype == torch.bool:
+        raise ValueError(f"{what}_grid_thw must hold integers (t, h, w patch counts), got {grid_thw.dtype}.")
     if bool((grid_thw <= 0).any()) or bool((grid_thw[:, 1:] % config.spatial_merge_size != 0).any()):
         raise ValueError(
             f"{what}_grid_thw rows must be positive with h and w multiples of {config.spatial_merge_size}; got "
