@@ -314,7 +314,25 @@ def test_schema_type_lists_anyof_enum_and_unknown_types():
     assert typed(enum_s="1") == {"enum_s": "1"}  # a string enum types the value as a string
     assert typed(untyped="1") == {"untyped": 1}  # no type: JSON guess
     assert typed(odd="[1]") == {"odd": [1]}  # unknown type: JSON guess
-    assert typed(undeclared="2") == {"undeclared": 2}  # parameter missing from the schema: JSON guess
+
+
+def test_with_tools_what_they_do_not_declare_is_reported_not_passed_on():
+    """A parameter the tool does not declare leaves `arguments` for `undeclared_arguments` (JSON-guessed); a function
+    not among the tools is marked. Without tools nothing is judged."""
+    text = "</think>\n\n" + call("typed", s="x", undeclared="2")
+    (typed_call,) = parse_response(text, thinking=True, tools=[TYPED_TOOL])["tool_calls"]
+    assert typed_call == {"name": "typed", "arguments": {"s": "x"}, "undeclared_arguments": {"undeclared": 2}}
+    (other,) = parse_response("</think>\n\n" + call("rm_rf", path="/"), thinking=True, tools=[TYPED_TOOL])["tool_calls"]
+    assert other == {"name": "rm_rf", "arguments": {"path": "/"}, "undeclared_function": True}
+    no_params = {"type": "function", "function": {"name": "now", "description": "the time"}}
+    (now,) = parse_response(call("now", tz="UTC"), thinking=False, tools=[no_params])["tool_calls"]
+    assert now == {"name": "now", "arguments": {}, "undeclared_arguments": {"tz": "UTC"}}
+    (free,) = parse_response(call("rm_rf", path="/"), thinking=False)["tool_calls"]
+    assert free == {"name": "rm_rf", "arguments": {"path": "/"}}
+    # the streaming parser reports the same
+    parser = StreamingResponseParser(True, [TYPED_TOOL])
+    events = parser.feed(text) + parser.finish()
+    assert [payload for kind, payload in events if kind == "tool_call"] == [typed_call]
 
 
 def test_no_schema_json_guessing():
@@ -475,7 +493,7 @@ def run_stream(chunks, thinking, tools=None) -> tuple[dict, list]:
     for kind, payload in events:
         assert kind in ("reasoning", "content", "tool_call")
         if kind == "tool_call":
-            assert set(payload) == {"name", "arguments"}
+            assert set(payload) - {"undeclared_function", "undeclared_arguments"} == {"name", "arguments"}
         else:
             assert isinstance(payload, str) and payload
     if not thinking:

@@ -207,19 +207,30 @@ Reminder:
                 {%- elif content | trim %}
                     {{- '\n\n' }}
                 {%- endif %}
+                {#- Names and values are written raw, so text that would end or open a tag of the call (a value
+                    holding "</parameter><parameter=admin>", a name holding ">") is refused: read back, it would
+                    forge the call. -#}
+                {%- if '<' in call.name or '>' in call.name or '\n' in call.name %}
+                    {{- raise_exception('Tool call name ' ~ (call.name | tojson) ~ ' contains "<", ">" or a newline, which would break the tool-call format.') }}
+                {%- endif %}
                 {{- '<tool_call>\n<function=' + call.name + '>\n' }}
                 {%- if call.arguments is defined %}
                     {#- `arguments` must be a mapping (an OpenAI JSON string fails in `items`), in its own key order.
                         Mappings and lists are JSON; everything else goes through `string`, so strings are raw and
                         Python True / None stay "True" / "None". -#}
                     {%- for name, value in call.arguments | items %}
-                        {{- '<parameter=' + name + '>\n' }}
-                        {%- if value is mapping or (value is sequence and value is not string) %}
-                            {{- value | tojson }}
-                        {%- else %}
-                            {{- value | string }}
+                        {%- if '<' in name or '>' in name or '\n' in name %}
+                            {{- raise_exception('Tool call parameter name ' ~ (name | tojson) ~ ' contains "<", ">" or a newline, which would break the tool-call format.') }}
                         {%- endif %}
-                        {{- '\n</parameter>\n' }}
+                        {%- if value is mapping or (value is sequence and value is not string) %}
+                            {%- set text = value | tojson %}
+                        {%- else %}
+                            {%- set text = value | string %}
+                        {%- endif %}
+                        {%- if '</parameter>' in text or '<parameter=' in text or '</function>' in text or '<tool_call>' in text or '</tool_call>' in text %}
+                            {{- raise_exception('The value of tool call parameter ' ~ (name | tojson) ~ ' contains a tool-call tag (</parameter>, <parameter=, </function>, <tool_call> or </tool_call>): written raw it would change the call when read back. Remove or rephrase the tag.') }}
+                        {%- endif %}
+                        {{- '<parameter=' + name + '>\n' + text + '\n</parameter>\n' }}
                     {%- endfor %}
                 {%- endif %}
                 {{- '</function>\n</tool_call>' }}

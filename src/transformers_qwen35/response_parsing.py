@@ -171,11 +171,45 @@ def _callable_schema(tool: Callable) -> Any:
         return None
 
 
-def _index_tools(tools: Any) -> dict[str, Mapping]:
-    """Map each declared function name to its ``parameters.properties`` mapping. Malformed entries are skipped."""
-    index: dict[str, Mapping] = {}
+class _ToolIndex(dict):
+    """Declared function name -> its ``parameters.properties``; ``given``: whether tools were passed at all (then
+    calls and parameters outside them are reported, not passed on as if declared)."""
+
+    given = False
+
+
+def _index_tools(tools: Any) -> _ToolIndex:
+    """Map each declared function name to its ``parameters.properties`` mapping (empty for a tool without
+    parameters). Malformed entries are skipped."""
+    index = _ToolIndex()
     if tools is None:
         return index
+    index.given = True
+    if isinstance(tools, Mapping):
+        tools = [tools]
+    try:
+        items = list(tools)
+    except Exception:
+        return index
+    for tool in items:
+        try:
+            spec = tool
+            if not isinstance(spec, Mapping) and callable(spec):
+                spec = _callable_schema(spec)
+            if not isinstance(spec, Mapping):
+                continue
+            function = spec.get("function")
+            if isinstance(function, Mapping):
+                spec = function
+            name = spec.get("name")
+            if not isinstance(name, str) or name in index:
+                continue
+            parameters = spec.get("parameters")
+            properties = parameters.get("properties") if isinstance(parameters, Mapping) else None
+            index[name] = properties if isinstance(properties, Mapping) else {}
+        except Exception:
+            continue
+    return index
     if isinstance(tools, Mapping):
         tools = [tools]
     try:
@@ -360,6 +394,23 @@ def _convert_value(value: str, schema: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _checked_against_tools(call: dict[str, Any], schemas: Mapping[str, Mapping]) -> dict[str, Any]:
+    """With ``tools`` given, what they do not declare is reported, not passed on: a call to an undeclared function
+    gets ``"undeclared_function": True``; parameters its tool does not declare move from ``arguments`` to
+    ``undeclared_arguments``. (A model, or text injected into its context, can name anything.)"""
+    if not getattr(schemas, "given", False):
+        return call
+    properties = schemas.get(call["name"])
+    if properties is None:
+        call["undeclared_function"] = True
+        return call
+    extra = {key: value for key, value in call["arguments"].items() if key not in properties}
+    if extra:
+        call["arguments"] = {key: value for key, value in call["arguments"].items() if key in properties}
+        call["undeclared_arguments"] = extra
+    return call
+
+
 def _parse_tool_block(block: str, schemas: Mapping[str, Mapping]) -> dict[str, Any] | None:
     """Parse the text between ``<tool_call>`` and ``</tool_call>``; None when it holds no named function."""
     try:
@@ -407,7 +458,7 @@ def _parse_tool_block(block: str, schemas: Mapping[str, Mapping]) -> dict[str, A
                 except Exception:
                     schema = None
                 arguments[key] = _convert_value(value, schema)
-        return {"name": name, "arguments": arguments}
+        return _checked_against_tools({"name": name, "arguments": arguments}, schemas)
     except Exception:
         return None
 
