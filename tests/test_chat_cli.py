@@ -149,3 +149,12 @@ def test_ctrl_c_stops_the_answer_not_the_chat(tmp_path, demo_dir):
             child.wait()
     assert child.returncode == 0, err
     assert b"stopped" in err and b"Traceback" not in err and b"KeyboardInterrupt" not in err
+
+
+def test_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(capsys, monkeypatch, demo_dir):
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")
+    code, out, err = chat(capsys, monkeypatch, demo_dir, [bad, "Hello there"])
+    assert code == 0, err
+    assert "that line is not valid UTF-8 text" in err
+    (reply,) = expected_turns(demo_dir, [("Hello there", False)])
+    assert out.startswith(reply["content"])  # the bad line left nothing in the conversation

@@ -358,3 +358,42 @@ def test_chat_example_runs(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "RANDOM weights" in out
     assert out.count("assistant: ") == 2
+
+
+def test_ctrl_c_during_start_up_exits_130_quietly(demo_dir):
+    """SIGINT while the command is still importing torch and transformers (the console script's entry point)."""
+    import time
+
+    command = [sys.executable, "-c", "import sys, transformers_qwen35_command as c; sys.exit(c.main())"]
+    command += ["generate", "--model", str(demo_dir), *CPU, "hi"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
+    try:
+        time.sleep(0.3)  # importing torch alone takes longer than this
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 130, err.decode()[-2000:]
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
+
+
+def test_a_seed_out_of_range_is_a_usage_error(capsys, demo_dir):
+    code, _, err = run_main(capsys, "generate", "--model", str(demo_dir), "--seed", str(2**64), *CPU, "hi")
+    assert code == 2 and "--seed: must be between 0 and 2**63 - 1" in err
+
+
+def test_a_prompt_that_is_not_utf8_is_named(capsys, demo_dir):
+    prompt = b"caf\xe9 au lait".decode("utf-8", "surrogateescape")  # what Python makes of such argv bytes
+    line = assert_single_error_line(*run_main(capsys, "generate", "--model", str(demo_dir), *CPU, prompt))
+    assert "the prompt is not valid UTF-8 text: character 4 cannot be encoded (byte 0xe9)" in line
+
+
+def test_an_unreadable_weights_file_is_not_called_damaged(capsys, monkeypatch, demo_dir):
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cli, "open", refuse, raising=False)
+    line = assert_single_error_line(*run_main(capsys, "generate", "--model", str(demo_dir), *CPU, "hi"))
+    assert "cannot be read (Permission denied)" in line and "damaged" not in line

@@ -29,6 +29,7 @@ from .cli import (
     MTP_HELP,
     CliError,
     check_checkpoint,
+    check_text,
     choose_device,
     choose_dtype,
     describe_load_error,
@@ -37,6 +38,7 @@ from .cli import (
     load_tokenizer,
     non_negative_int,
     resolve_model_source,
+    seed_value,
 )
 from .demo import build_demo_checkpoint
 from .response_parsing import StreamingResponseParser
@@ -279,6 +281,11 @@ def _loop(session: ChatSession) -> int:
                 return 0
             continue
         try:
+            check_text(line, "that line")
+        except CliError as error:  # nothing was added to the conversation: type the line again
+            info(f"error: {error}")
+            continue
+        try:
             session.ask(line)
         except CliError:
             raise
@@ -305,7 +312,7 @@ def add_chat_parser(commands, generation_types) -> None:
     add("--max-new-tokens", type=positive_int, default=2048, metavar="N", help="longest answer (default: %(default)s)")
     add("--temperature", type=non_negative_float, default=None, metavar="T", help="0 = greedy (default: the card's)")
     add("--top-p", type=probability, default=None, metavar="P", help="nucleus mass (default: the card's)")
-    add("--seed", type=int, default=None, metavar="S", help="seed the sampler")
+    add("--seed", type=seed_value, default=None, metavar="S", help="seed the sampler")
     add("--mtp", type=non_negative_int, default=0, metavar="K", help=MTP_HELP)
     add("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="weights dtype (default: auto)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: auto)")

@@ -187,9 +187,17 @@ def check_safetensors_headers(files: list[Path]) -> None:
     """Open each file's header: a truncated or garbled file fails here, named, instead of deep inside loading."""
     for file in files:
         try:
+            with open(file, "rb") as stream:
+                stream.read(8)
+        except OSError as error:  # not damaged: unreadable (permissions, a directory, an I/O error)
+            raise CliError(
+                f"the weights file {file} cannot be read ({error.strerror or type(error).__name__}): check its "
+                "permissions and that it is a regular file."
+            ) from None
+        try:
             with safe_open(str(file), framework="pt") as handle:
                 handle.keys()
-        except Exception as error:  # SafetensorError and I/O errors alike mean the file cannot be used
+        except Exception as error:  # the file reads, but is not a whole safetensors file
             raise CliError(
                 f"the weights file {file} is damaged or incomplete ({first_line(error)}): download it again."
             ) from None
@@ -429,6 +437,7 @@ def transformers_output(verbose: bool):
 
 def run_generate(args: argparse.Namespace) -> int:
     """Load, format the prompt, and stream the continuation to stdout. ``demo`` ends here too."""
+    check_text(args.prompt, "the prompt")
     source = resolve_model_source(args.model)
     check_checkpoint(source, args.allow_missing_weights)
     device = choose_device(args.device)
@@ -516,6 +525,26 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def seed_value(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {text}")
+    return value
+
+
+def check_text(text: str, what: str) -> str:
+    """Text typed or passed on the command line that is not valid UTF-8 reaches Python as lone surrogates, which no
+    tokenizer can encode: say so instead of failing inside it."""
+    for position, character in enumerate(text):
+        if 0xD800 <= ord(character) <= 0xDFFF:
+            byte = f" (byte 0x{ord(character) - 0xDC00:02x})" if ord(character) >= 0xDC80 else ""
+            raise CliError(
+                f"{what} is not valid UTF-8 text: character {position + 1} cannot be encoded{byte}. Save or type it as "
+                "UTF-8 (e.g. iconv -t utf-8)."
+            )
+    return text
+
+
 FROM_GENERATION_CONFIG = "default: the model's generation_config.json"
 MTP_HELP = (
     "draft K tokens per step with the checkpoint's multi-token-prediction head and verify them in one pass "
@@ -552,7 +581,7 @@ def generation_options(max_new_tokens: int) -> argparse.ArgumentParser:
         metavar="P",
         help=f"nucleus sampling probability mass ({FROM_GENERATION_CONFIG})",
     )
-    add("--seed", type=int, default=None, metavar="S", help="seed the sampler, for repeatable sampled output")
+    add("--seed", type=seed_value, default=None, metavar="S", help="seed the sampler, for repeatable sampled output")
     add("--mtp", type=non_negative_int, default=0, metavar="K", help=MTP_HELP)
     add(
         "--no-chat", action="store_true", help="continue the prompt as plain text instead of applying the chat template"

@@ -130,7 +130,7 @@ class Qwen3_5Model(Qwen3_5PreTrainedModel):
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if position_ids is not None:
             check_position_ids(position_ids, batch, length)
-        types = self._token_types(input_ids, mm_token_type_ids, batch, length)
+        types = self._token_types(input_ids, mm_token_type_ids, batch, length, past)
         self._check_inputs(types, past, length, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
 
         if inputs_embeds is None:
@@ -165,14 +165,15 @@ class Qwen3_5Model(Qwen3_5PreTrainedModel):
         )
         return Qwen3_5ModelOutputWithPast(**outputs, image_outputs=encoded.get(IMAGE), video_outputs=encoded.get(VIDEO))
 
-    def _token_types(self, input_ids, mm_token_type_ids, batch, length):
+    def _token_types(self, input_ids, mm_token_type_ids, batch, length, past=0):
         if mm_token_type_ids is not None:
             if tuple(mm_token_type_ids.shape) != (batch, length):
                 raise ValueError(
                     f"mm_token_type_ids has shape {tuple(mm_token_type_ids.shape)} but the input is {(batch, length)}: "
                     "pass the processor's mm_token_type_ids with its input_ids, or leave them out."
                 )
-            if input_ids is not None:
+            # Checked on a prompt (processor output); a placeholder id the model itself generated later is text.
+            if input_ids is not None and past == 0:
                 derived = token_types(input_ids, self.config.image_token_id, self.config.video_token_id)
                 if not torch.equal(derived.to(mm_token_type_ids.device), mm_token_type_ids.to(derived.dtype)):
                     raise ValueError(
