@@ -80,10 +80,12 @@ def test_several_chats_with_and_without_images(vl_pipe, photo):
 
 def test_unreachable_image_url_gives_a_clear_error(vl_pipe, monkeypatch):
     def offline(*args, **kwargs):
-        raise ConnectionError("network is unreachable")
+        import urllib.error
 
-    monkeypatch.setattr("transformers.image_utils.httpx.get", offline)
-    with pytest.raises(ValueError, match="could not fetch 'https://example.com/cat.jpg'"):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    with pytest.raises(ValueError, match="could not fetch https://example.com/cat.jpg .*no network"):
         vl_pipe(text=chat("https://example.com/cat.jpg"), max_new_tokens=2)
 
 
