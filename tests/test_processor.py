@@ -164,3 +164,27 @@ def test_video_without_torchvision_names_the_fix(processor):
     frames = [random_image(64, 64, i) for i in range(4)]
     with pytest.raises(ImportError, match="pip install torch==.* torchvision=="):
         processor(text=[VIDEO], videos=[frames])
+
+
+def test_tool_call_arguments_as_a_json_string_are_accepted(processor):
+    """The OpenAI wire format: the processor decodes them; the tokenizer alone says how to."""
+    from jinja2.exceptions import TemplateError
+
+    def conversation(arguments):
+        call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+        return [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+
+    as_string = conversation('{"city": "Paris", "days": 3}')
+    decoded = processor.apply_chat_template(conversation({"city": "Paris", "days": 3}), tokenize=False)
+    assert processor.apply_chat_template(as_string, tokenize=False) == decoded
+    assert "<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>" in decoded
+    assert isinstance(as_string[1]["tool_calls"][0]["function"]["arguments"], str)  # the caller's copy is untouched
+    with pytest.raises(TemplateError, match="json.loads"):
+        processor.tokenizer.apply_chat_template(as_string, tokenize=False)
+    with pytest.raises(ValueError, match="not JSON"):
+        processor.apply_chat_template(conversation("{city: Paris"), tokenize=False)
+
+
+def test_text_with_lone_surrogates_is_named(processor):
+    with pytest.raises(ValueError, match=r"character 4 is a lone surrogate \(U\+DCE9\)"):
+        processor(text=[b"caf\xe9".decode("utf-8", "surrogateescape")])

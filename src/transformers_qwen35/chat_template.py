@@ -214,8 +214,11 @@ Reminder:
                     {{- raise_exception('Tool call name ' ~ (call.name | tojson) ~ ' contains "<", ">" or a newline, which would break the tool-call format.') }}
                 {%- endif %}
                 {{- '<tool_call>\n<function=' + call.name + '>\n' }}
+                {%- if call.arguments is string %}
+                    {{- raise_exception('Tool call arguments are a JSON string (the OpenAI wire format): pass them decoded, json.loads(arguments), or render with the processor (AutoProcessor), which decodes them.') }}
+                {%- endif %}
                 {%- if call.arguments is defined %}
-                    {#- `arguments` must be a mapping (an OpenAI JSON string fails in `items`), in its own key order.
+                    {#- `arguments` must be a mapping (an OpenAI JSON string is refused above), in its own key order.
                         Mappings and lists are JSON; everything else goes through `string`, so strings are raw and
                         Python True / None stay "True" / "None". -#}
                     {%- for name, value in call.arguments | items %}

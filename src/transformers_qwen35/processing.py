@@ -138,7 +138,13 @@ class Qwen3_5Processor(Qwen3VLProcessor):
 
     # ---------------------------------------------------------------------------------------------------- calling
 
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        """transformers' ``apply_chat_template``, also taking tool calls in the OpenAI wire format, whose
+        ``arguments`` are a JSON string (the template needs the mapping)."""
+        return super().apply_chat_template(_decoded_tool_arguments(conversation), *args, **kwargs)
+
     def __call__(self, images=None, text=None, videos=None, **kwargs):
+        _check_encodable(text)
         images = _check_images(images, self.media_policy)
         videos = self._check_videos(videos)
         _check_placeholder_counts(text, images, videos, self.image_token, self.video_token)
@@ -179,6 +185,43 @@ class Qwen3_5Processor(Qwen3VLProcessor):
             _, reason = _video_processor_class()
             raise ImportError(VIDEO_NEEDS_TORCHVISION.format(reason=reason))
         return videos
+
+
+def _decoded_tool_arguments(conversation):
+    """A copy of the conversation(s) with JSON-string tool-call arguments decoded; the input is left as it was."""
+    if not isinstance(conversation, (list, tuple)):
+        return conversation
+    if conversation and isinstance(conversation[0], (list, tuple)):  # a batch of conversations
+        return [_decoded_tool_arguments(item) for item in conversation]
+    decoded = []
+    for message in conversation:
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if calls and isinstance(calls, list):
+            message = {**message, "tool_calls": [_decoded_call(call) for call in calls]}
+        decoded.append(message)
+    return decoded
+
+
+def _decoded_call(call):
+    if not isinstance(call, dict):
+        return call
+    if isinstance(call.get("function"), dict):
+        return {**call, "function": _decoded_call(call["function"])}
+    arguments = call.get("arguments")
+    if not isinstance(arguments, str):
+        return call
+    try:
+        value = json.loads(arguments) if arguments.strip() else {}
+    except ValueError as error:
+        raise ValueError(
+            f"Tool call {call.get('name')!r}: its arguments are a string that is not JSON ({error}): give a JSON "
+            "object (the OpenAI format) or a mapping."
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"Tool call {call.get('name')!r}: its arguments must be a JSON object, got {arguments[:60]!r}."
+        )
+    return {**call, "arguments": value}
 
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
@@ -245,6 +288,19 @@ def _check_images(images, policy: MediaPolicy):
         return load(item, len(counter) - 1)
 
     return walk(images, [])
+
+
+def _check_encodable(text) -> None:
+    """Lone surrogates (what Python makes of bytes that are not UTF-8) cannot be tokenized: name them."""
+    texts = [text] if isinstance(text, str) else text if isinstance(text, (list, tuple)) else []
+    for index, item in enumerate(texts):
+        if isinstance(item, str):
+            bad = next((i for i, ch in enumerate(item) if 0xD800 <= ord(ch) <= 0xDFFF), None)
+            if bad is not None:
+                raise ValueError(
+                    f"Text {index} is not valid Unicode text: character {bad + 1} is a lone surrogate "
+                    f"(U+{ord(item[bad]):04X}), typically bytes that were not UTF-8. Decode the input as UTF-8 first."
+                )
 
 
 def _check_placeholder_counts(text, images, videos, image_token, video_token):
