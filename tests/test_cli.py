@@ -364,11 +364,14 @@ def test_ctrl_c_during_start_up_exits_130_quietly(demo_dir):
     """SIGINT while the command is still importing torch and transformers (the console script's entry point)."""
     import time
 
-    command = [sys.executable, "-c", "import sys, transformers_qwen35_command as c; sys.exit(c.main())"]
-    command += ["generate", "--model", str(demo_dir), *CPU, "hi"]
+    # "ready" once Python runs (its Ctrl-C handling is in place); the entry module is tiny, importing torch after it
+    # takes over a second: a SIGINT 0.1 s after "ready" lands in the heavy imports.
+    script = "import sys; print('ready', flush=True); import transformers_qwen35_command as c; sys.exit(c.main())"
+    command = [sys.executable, "-c", script, "generate", "--model", str(demo_dir), *CPU, "hi"]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
     try:
-        time.sleep(0.3)  # importing torch alone takes longer than this
+        assert child.stdout.readline() == b"ready\n"
+        time.sleep(0.1)
         child.send_signal(signal.SIGINT)
         _, err = child.communicate(timeout=60)
     finally:

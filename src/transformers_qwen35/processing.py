@@ -276,10 +276,14 @@ def _check_images(images, policy: MediaPolicy):
                 f"Image {index} has shape {shape}: Qwen3.5 takes RGB images with 3 channels. Convert it first, e.g. "
                 "PIL.Image.fromarray(array).convert('RGB')."
             )
+        values = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
         if len(shape) == 2:  # greyscale (H, W): the same grey in each channel, as PIL's convert("RGB") does
-            values = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
-            return np.repeat(values[..., None], 3, axis=-1)
-        return image
+            values = np.repeat(values[..., None], 3, axis=-1)
+        if values.shape[-1] == 3 and values.shape[0] != 3 and values.dtype == np.uint8:
+            # Unambiguously channels-last: as a PIL image, so that transformers does not guess the layout (a
+            # (1, W, 3) array reads as one channel of width 3 to its inference).
+            return Image.fromarray(values)
+        return values if len(shape) == 2 else image
 
     def walk(item, counter):
         if isinstance(item, (list, tuple)):
