@@ -176,14 +176,14 @@ def builtin_on_torch_ops(enabled: bool = True):
 
 
 def our_kernel_path(device: torch.device) -> str:
-    from transformers_qwen35 import kernels
+    from transformers_qwen35 import hopper_backward, kernels
 
     mode = kernels.kernel_mode()
     if mode == "torch" or device.type != "cuda":
         return "torch"
     if kernels._load_fla() is None:
         return "torch (fla not importable)"
-    version = kernels._triton_version()
+    version = hopper_backward.triton_version()
     if torch.cuda.get_device_capability(device)[0] == 9 and version and (3, 4, 0) <= version < (3, 7, 1):
         if kernels._load_fla().hopper_backward:
             return "fla (training: with our replacement for the backward piece fla refuses here, fla issue #640)"

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import transformers_qwen35
-from transformers_qwen35 import cli
+from transformers_qwen35 import cli, cli_common
 from transformers_qwen35.demo import IM_END, build_demo_checkpoint, build_demo_tokenizer
 
 ERROR_PREFIX = "qwen35: error: "
@@ -288,8 +288,8 @@ def test_checkpoint_without_tokenizer_is_refused(capsys, tmp_path, demo_dir):
 
 def test_hub_id_without_network_fails_fast_with_advice(capsys, monkeypatch):
     # Pretend the Hub is unreachable: the command must then only look in the local cache, never retry the network.
-    monkeypatch.setattr(cli, "hub_is_reachable", lambda *args: False)
-    monkeypatch.setattr(cli, "hub_offline_by_setting", lambda: False)
+    monkeypatch.setattr(cli_common, "hub_is_reachable", lambda *args: False)
+    monkeypatch.setattr(cli_common, "hub_offline_by_setting", lambda: False)
     hub_id = "qwen35-cli-tests/not-a-cached-model"
     line = assert_single_error_line(*run_main(capsys, "generate", "--model", hub_id, "hi"))
     assert f"{hub_id} is neither a local directory nor in the Hugging Face cache" in line
@@ -307,9 +307,9 @@ def test_usage_errors_exit_2_like_argparse(capsys):
 
 
 def test_plausible_hub_ids_and_paths_are_told_apart():
-    assert cli.is_plausible_hub_id("Qwen/Qwen3.5-0.8B") and cli.is_plausible_hub_id("gpt2")
+    assert cli_common.is_plausible_hub_id("Qwen/Qwen3.5-0.8B") and cli_common.is_plausible_hub_id("gpt2")
     for path_like in ("./model", "/abs/model", "~/model", "a/b/c", "model/", "bad id", "a--b/c"):
-        assert not cli.is_plausible_hub_id(path_like), path_like
+        assert not cli_common.is_plausible_hub_id(path_like), path_like
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -397,6 +397,6 @@ def test_an_unreadable_weights_file_is_not_called_damaged(capsys, monkeypatch, d
     def refuse(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(cli, "open", refuse, raising=False)
+    monkeypatch.setattr(cli_common, "open", refuse, raising=False)
     line = assert_single_error_line(*run_main(capsys, "generate", "--model", str(demo_dir), *CPU, "hi"))
     assert "cannot be read (Permission denied)" in line and "damaged" not in line

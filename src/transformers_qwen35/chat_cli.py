@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Auto
 from transformers.generation.streamers import BaseStreamer
 
 from .chat_template import thinking_default_for
-from .cli import (
+from .cli_common import (
     ALLOW_MISSING_HELP,
     MTP_HELP,
     CliError,

@@ -30,13 +30,24 @@ PRIORITY = 4
 BACKEND_TYPE = "transformers_qwen35_hopper"
 
 
+def triton_version() -> tuple[int, ...] | None:
+    """The installed Triton's (major, minor, patch), or None without Triton."""
+    try:
+        import triton
+    except Exception:
+        return None
+    parts = []
+    for piece in triton.__version__.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
 def refused_by_fla(tensor: torch.Tensor) -> bool:
     """Whether fla 0.6 refuses the gated chunk backward for this tensor's device and the installed Triton."""
-    from .kernels import _triton_version
-
     if not tensor.is_cuda or torch.cuda.get_device_capability(tensor.device)[0] != 9:
         return False
-    version = _triton_version()
+    version = triton_version()
     return version is not None and (3, 4, 0) <= version < (3, 7, 1)
 
 

@@ -86,18 +86,6 @@ def _log_once(path: str, message: str) -> None:
         logger.info(message)
 
 
-def _triton_version() -> tuple[int, ...] | None:
-    try:
-        import triton
-    except Exception:
-        return None
-    parts = []
-    for piece in triton.__version__.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
-
-
 def _hopper_backward_refused(tensor: torch.Tensor, fla: SimpleNamespace) -> bool:
     """fla-core 0.6 refuses the gated chunk backward on Hopper with Triton in [3.4.0, 3.7.1) (fla issue #640),
     unless our replacement for the refused piece is registered with fla (``hopper_backward.py``)."""
