@@ -159,3 +159,12 @@ def test_a_config_that_does_not_describe_the_weights_is_refused_before_allocatio
     ):
         AutoModelForCausalLM.from_pretrained(directory)
     assert psutil.Process().memory_info().rss - before < 2**30  # nothing of the 9B was allocated
+
+
+def test_a_checkpoint_in_a_subfolder_is_checked_there(tmp_path):
+    """from_pretrained(root, subfolder=...) checks (and carries) the subfolder's tensors, not the root's."""
+    from transformers_qwen35.demo import build_demo_checkpoint
+
+    build_demo_checkpoint(tmp_path / "root" / "model")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "root", subfolder="model")
+    assert model.carried_tensors is not None and model.carried_tensors.files

@@ -242,7 +242,10 @@ def check_checkpoint_tensors(directory: Path, config, with_vision: bool, check_s
 
 
 def local_checkpoint_directory(name_or_path: str | os.PathLike, kwargs: dict) -> Path | None:
-    path = Path(name_or_path)
+    """The local folder holding the checkpoint (``subfolder`` included): the path itself, or a hub id's cached copy;
+    None when neither is on disk."""
+    subfolder = kwargs.get("subfolder") or ""
+    path = Path(name_or_path) / subfolder
     if path.is_dir():
         return path
     try:  # a hub id: from_pretrained has just cached the files
@@ -253,6 +256,7 @@ def local_checkpoint_directory(name_or_path: str | os.PathLike, kwargs: dict) ->
             "config.json",
             cache_dir=kwargs.get("cache_dir"),
             revision=kwargs.get("revision"),
+            subfolder=subfolder,
             local_files_only=True,
             _raise_exceptions_for_missing_entries=False,
         )
