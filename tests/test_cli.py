@@ -337,19 +337,30 @@ def test_ctrl_c_exits_130_quietly(tmp_path, demo_dir):
     (endless / "generation_config.json").write_text(json.dumps({**settings, "min_new_tokens": 100000}))
     command = [sys.executable, "-m", "transformers_qwen35", "generate", "--model", str(endless), "--no-chat"]
     command += ["--max-new-tokens", "100000", *CPU, "The"]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
-    try:
+
+    def generating(child):
         readable, _, _ = select.select([child.stdout], [], [], 90)
         assert readable, "no generated text within 90 s"
         assert child.stdout.read1(1)  # generation is under way
+
+    returncode, err = interrupted(command, generating)
+    assert returncode == 130
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
+
+
+def interrupted(command: list[str], until) -> tuple[int, bytes]:
+    """Start ``command``, wait with ``until(child)`` for the moment to interrupt, send SIGINT; (exit status, stderr).
+    The child is killed if it outlives the test."""
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
+    try:
+        until(child)
         child.send_signal(signal.SIGINT)
         _, err = child.communicate(timeout=60)
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
-    assert child.returncode == 130
-    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
+    return child.returncode, err
 
 
 def test_chat_example_runs(capsys, monkeypatch):
@@ -368,17 +379,13 @@ def test_ctrl_c_during_start_up_exits_130_quietly(demo_dir):
     # takes over a second: a SIGINT 0.1 s after "ready" lands in the heavy imports.
     script = "import sys; print('ready', flush=True); import transformers_qwen35_command as c; sys.exit(c.main())"
     command = [sys.executable, "-c", script, "generate", "--model", str(demo_dir), *CPU, "hi"]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
-    try:
+
+    def importing(child):
         assert child.stdout.readline() == b"ready\n"
         time.sleep(0.1)
-        child.send_signal(signal.SIGINT)
-        _, err = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.returncode == 130, err.decode()[-2000:]
+
+    returncode, err = interrupted(command, importing)
+    assert returncode == 130, err.decode()[-2000:]
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
 
 

@@ -248,11 +248,10 @@ class _StateSlot:
         return ((0, self[0]),)
 
 
-class LinearAttentionLayer(LinearAttentionCacheLayerMixin):
-    """One Gated DeltaNet layer of a ``Qwen3_5HybridCache`` with transformers' linear-attention layer API."""
+class _LayerView:
+    """What both layer kinds share: they hold no state (the cache's lists do), count the cache's tokens, grow without
+    bound, and refuse cropping and offloading as the cache does."""
 
-    number_of_states = 1
-    record_past = False
     is_sliding = False
 
     def __init__(self, cache: Qwen3_5HybridCache, layer_idx: int):  # no super().__init__: the cache holds the state
@@ -260,6 +259,27 @@ class LinearAttentionLayer(LinearAttentionCacheLayerMixin):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self._layer_idx})"
+
+    def get_seq_length(self) -> int:
+        return self._cache.seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError(CROP_REFUSAL)
+
+    def offload(self) -> None:
+        raise NotImplementedError("The Qwen3.5 cache is not offloaded layer by layer (its states are small).")
+
+    prefetch = offload
+
+
+class LinearAttentionLayer(_LayerView, LinearAttentionCacheLayerMixin):
+    """One Gated DeltaNet layer of a ``Qwen3_5HybridCache`` with transformers' linear-attention layer API."""
+
+    number_of_states = 1
+    record_past = False
 
     @property
     def conv_states(self) -> _StateSlot:
@@ -316,12 +336,6 @@ class LinearAttentionLayer(LinearAttentionCacheLayerMixin):
         self.recurrent_states[state_idx] = state
         return state
 
-    def get_seq_length(self) -> int:
-        return self._cache.seen_tokens
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.conv_states[0] = self.recurrent_states[0] = None
 
@@ -330,28 +344,12 @@ class LinearAttentionLayer(LinearAttentionCacheLayerMixin):
             if slot[0] is not None:
                 slot[0] = slot[0].index_select(0, beam_idx.to(slot[0].device))
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError(CROP_REFUSAL)
-
     def activate_past_recording(self, *args, **kwargs) -> None:
         self._cache.activate_past_recording()
 
-    def offload(self) -> None:
-        raise NotImplementedError("The Qwen3.5 cache is not offloaded layer by layer (its states are small).")
 
-    prefetch = offload
-
-
-class AttentionLayer(CacheLayerMixin):
+class AttentionLayer(_LayerView, CacheLayerMixin):
     """One full-attention layer of a ``Qwen3_5HybridCache`` with transformers' attention layer API."""
-
-    is_sliding = False
-
-    def __init__(self, cache: Qwen3_5HybridCache, layer_idx: int):  # no super().__init__: the cache holds the state
-        self._cache, self._layer_idx = cache, layer_idx
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(layer={self._layer_idx})"
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -379,25 +377,11 @@ class AttentionLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return self._cache.update(key_states, value_states, self._layer_idx)
 
-    def get_seq_length(self) -> int:
-        return self._cache.seen_tokens
-
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._cache.get_mask_sizes(query_length, self._layer_idx)
 
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.keys = self.values = None
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError(CROP_REFUSAL)
-
-    def offload(self) -> None:
-        raise NotImplementedError("The Qwen3.5 cache is not offloaded layer by layer (its states are small).")
-
-    prefetch = offload
 
 
 # --- a transformers cache the user built ----------------------------------------------------------------------------

@@ -126,8 +126,7 @@ def _download(url: str, index: int, policy: MediaPolicy) -> bytes:
                 raise _too_large(index, url, int(length), policy)
             pieces, size = [], 0
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if time.monotonic() > deadline:
                     raise TimeoutError()
                 piece = response.read(_READ_CHUNK)
                 if not piece:

@@ -210,32 +210,6 @@ def _index_tools(tools: Any) -> _ToolIndex:
         except Exception:
             continue
     return index
-    if isinstance(tools, Mapping):
-        tools = [tools]
-    try:
-        items = list(tools)
-    except Exception:
-        return index
-    for tool in items:
-        try:
-            spec = tool
-            if not isinstance(spec, Mapping) and callable(spec):
-                spec = _callable_schema(spec)
-            if not isinstance(spec, Mapping):
-                continue
-            function = spec.get("function")
-            if isinstance(function, Mapping):
-                spec = function
-            name = spec.get("name")
-            parameters = spec.get("parameters")
-            if not isinstance(name, str) or not isinstance(parameters, Mapping):
-                continue
-            properties = parameters.get("properties")
-            if isinstance(properties, Mapping) and name not in index:
-                index[name] = properties
-        except Exception:
-            continue
-    return index
 
 
 def _schema_types(schema: Any) -> list[str] | None:
