@@ -85,7 +85,7 @@ def text_config_dict(size: str) -> dict:
     DeltaNet 4 key / 8 value heads of 128 (grouped value heads as in 4B/9B), vocab 32,000; ~35M parameters.
     ``small``: the reduced 0.8B-like model of kernels-and-traps.md §10 (8 layers, hidden 1024, vocab 32,000, 198.8M).
     """
-    from transformers_qwen35.presets import ROPE, official_config_dict
+    from transformers_qwen35.model.presets import ROPE, official_config_dict
 
     if size not in ("tiny", "small"):
         return official_config_dict(size)["text_config"]
@@ -176,7 +176,8 @@ def builtin_on_torch_ops(enabled: bool = True):
 
 
 def our_kernel_path(device: torch.device) -> str:
-    from transformers_qwen35 import hopper_backward, kernels
+    from transformers_qwen35.kernels import dispatch as kernels
+    from transformers_qwen35.kernels import hopper_backward
 
     mode = kernels.kernel_mode()
     if mode == "torch" or device.type != "cuda":
@@ -296,7 +297,7 @@ def _env(name: str, value: str):
 
 def _kernels(mode: str):
     """Our model's kernel choice (``TRANSFORMERS_QWEN35_KERNELS``) for the block."""
-    from transformers_qwen35 import kernels
+    from transformers_qwen35.kernels import dispatch as kernels
 
     return _env(kernels.KERNELS_ENV, mode)
 
@@ -469,7 +470,7 @@ def random_ids(batch, length, vocab, device, seed):
 
 
 def bench_prefill(models, shapes, vocab, device, args) -> list[Result]:
-    from transformers_qwen35 import kernels
+    from transformers_qwen35.kernels import dispatch as kernels
 
     out = []
     for batch, length in shapes:
@@ -627,7 +628,7 @@ def bench_decode(models, batches, prompt, new, vocab, device, args) -> tuple[lis
 @contextlib.contextmanager
 def oracle_drafts(reference: torch.Tensor, prompt_length: int):
     """MTP drafts replaced by the tokens plain decoding produced (``reference``): every draft is accepted."""
-    from transformers_qwen35 import speculative
+    from transformers_qwen35.generation import speculative
 
     original = speculative._Run.draft
 
@@ -647,7 +648,7 @@ def oracle_drafts(reference: torch.Tensor, prompt_length: int):
 def attach_random_mtp_heads(model, seed: int) -> None:
     """Models built from a config have no MTP head: give ours a random one of the official shape (drafts from
     random weights are almost never accepted)."""
-    from transformers_qwen35.mtp import Qwen3_5MultiTokenPredictor, set_mtp_head
+    from transformers_qwen35.model.mtp import Qwen3_5MultiTokenPredictor, set_mtp_head
 
     parameter = next(model.parameters())
     torch.manual_seed(seed)
@@ -657,7 +658,8 @@ def attach_random_mtp_heads(model, seed: int) -> None:
 
 
 def bench_train(models, shape, vocab, device, args) -> list[Result]:
-    from transformers_qwen35 import kernels, training_graphs
+    from transformers_qwen35.kernels import dispatch as kernels
+    from transformers_qwen35.training import graphs as training_graphs
 
     batch, length = shape
     ids = random_ids(batch, length, vocab, device, seed=length + 1)
@@ -729,7 +731,7 @@ def bench_train(models, shape, vocab, device, args) -> list[Result]:
 def graphed_training_check(model, ids) -> str:
     """The graphed step's loss and gradients against an eager step's on the same batch and weights (the third graphed
     call is the first replay: seen, captured, replayed), as relative RMS differences."""
-    from transformers_qwen35 import training_graphs
+    from transformers_qwen35.training import graphs as training_graphs
 
     def step(graphed: str):
         with _env(training_graphs.TRAINING_GRAPHS_ENV, graphed):
@@ -762,7 +764,7 @@ def graphed_training_check(model, ids) -> str:
 def graph_memory_note(model, device) -> str:
     """What the training graphs hold between steps (activations and gradient buffers, outside the peak above, which
     counts from what was allocated before the step), measured by releasing them."""
-    from transformers_qwen35 import training_graphs
+    from transformers_qwen35.training import graphs as training_graphs
 
     state = training_graphs._STATES.get(model.model)
     captures = state.captures if state is not None else 0

@@ -80,7 +80,7 @@ def generate_step(model, ids, new: int, repeats: int) -> float:
 
 
 def breakdown(model, batch: int, prompt: int, new: int, repeats: int, device) -> dict:
-    from transformers_qwen35.static_decode import _CACHES, forward_block
+    from transformers_qwen35.generation.static_decode import _CACHES, forward_block
 
     vocab = min(model.config.vocab_size, 32000)
     ids = random_ids(batch, prompt, vocab, device, seed=prompt + batch)

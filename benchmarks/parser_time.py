@@ -15,7 +15,7 @@ import time
 from datetime import datetime, timezone
 
 from transformers_qwen35 import parse_response
-from transformers_qwen35.response_parsing import StreamingResponseParser
+from transformers_qwen35.chat.parsing import StreamingResponseParser
 
 # name -> (thinking mode, text of about n characters)
 SHAPES = {

@@ -158,7 +158,7 @@ def main(argv=None) -> None:
 
             report(f"static generate(), batch {batch}, prompt {prompt}, {new} new tokens (prefill included)", decode)
         elif what in ("train", "train-graphed"):
-            from transformers_qwen35 import training_graphs
+            from transformers_qwen35.training import graphs as training_graphs
 
             ids = random_ids(1, args.train, vocab, device, seed=2)
             optimizer = make_optimizer(model, "adamw")

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import transformers_qwen35  # noqa: F401  (registers the Qwen3.5 classes with the Auto factories)
-from transformers_qwen35.demo import build_demo_checkpoint
+from transformers_qwen35.cli.demo import build_demo_checkpoint
 
 
 def chat(model_path: str, questions: list[str], max_new_tokens: int = 24) -> list[str]:

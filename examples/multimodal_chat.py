@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import transformers_qwen35  # noqa: F401  (registers the Qwen3.5 classes, including the processor)
-from transformers_qwen35.demo import build_demo_checkpoint
+from transformers_qwen35.cli.demo import build_demo_checkpoint
 
 
 def make_picture() -> Image.Image:

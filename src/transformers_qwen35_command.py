@@ -11,7 +11,7 @@ EXIT_INTERRUPTED = 130
 
 def main() -> int:
     try:
-        from transformers_qwen35.cli import main as run
+        from transformers_qwen35.cli.main import main as run
     except KeyboardInterrupt:
         print(file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED

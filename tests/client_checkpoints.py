@@ -23,9 +23,9 @@ import torch
 from real_tokenizer import build_qwen35_tokenizer
 from safetensors.torch import load_file, save_file
 
-from transformers_qwen35.checkpoint import write_random_checkpoint
-from transformers_qwen35.demo import _write_processor_configs
-from transformers_qwen35.presets import official_config_dict, tiny_config
+from transformers_qwen35.cli.demo import _write_processor_configs
+from transformers_qwen35.model.checkpoint import write_random_checkpoint
+from transformers_qwen35.model.presets import official_config_dict, tiny_config
 
 VOCAB_SIZE = 248_320
 IM_END, ENDOFTEXT = 248_046, 248_044

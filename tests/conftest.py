@@ -173,7 +173,7 @@ def install_fake_fla(monkeypatch, impl):
     import sys
     import types
 
-    from transformers_qwen35 import kernels
+    from transformers_qwen35.kernels import dispatch as kernels
 
     kernels._load_fla.cache_clear()
     modules = {
@@ -204,9 +204,12 @@ def install_fake_fla(monkeypatch, impl):
 def install_exact_fake_fla(monkeypatch) -> list[tuple]:
     """A fake fla built on our exact PyTorch ops that checks each call's layout and arguments against fla-core 0.6's
     signatures; returns the list it appends ``(kernel, tokens, packed)`` to on every call."""
-    from transformers_qwen35 import kernels
-    from transformers_qwen35.ops.causal_conv import causal_conv1d
-    from transformers_qwen35.ops.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+    from transformers_qwen35.kernels import dispatch as kernels
+    from transformers_qwen35.kernels.reference.causal_conv import causal_conv1d
+    from transformers_qwen35.kernels.reference.gated_delta_rule import (
+        chunk_gated_delta_rule,
+        recurrent_gated_delta_rule,
+    )
 
     calls = []
 
@@ -305,8 +308,8 @@ class HostSyncs(TorchDispatchMode):
 def write_untied_tiny_checkpoint(directory, seed: int, vocab_size: int = 1024):
     """A tiny official-layout checkpoint (MTP head included) with an untied head: with tied random embeddings greedy
     decoding repeats one token forever, which would make generation tests trivial."""
-    from transformers_qwen35.checkpoint import write_random_checkpoint
-    from transformers_qwen35.presets import tiny_config
+    from transformers_qwen35.model.checkpoint import write_random_checkpoint
+    from transformers_qwen35.model.presets import tiny_config
 
     config = tiny_config(vocab_size=vocab_size)
     config.tie_word_embeddings = config.text_config.tie_word_embeddings = False

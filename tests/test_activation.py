@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from transformers_qwen35.demo import build_demo_checkpoint
+from transformers_qwen35.cli.demo import build_demo_checkpoint
 
 ENV_SWITCH = "TRANSFORMERS_QWEN35_AUTOLOAD"
 OURS = "transformers_qwen35"
@@ -92,7 +92,7 @@ def test_pipeline_from_the_readme_runs_on_our_classes(demo_dir):
         print(json.dumps({{"model": type(pipe.model).__module__, "processor": type(pipe.processor).__module__,
                           "answered": isinstance(out[0]["generated_text"], (str, list))}}))
     """)
-    assert found == {"model": OURS + ".multimodal", "processor": OURS + ".processing", "answered": True}
+    assert found == {"model": OURS + ".model.multimodal", "processor": OURS + ".chat.processing", "answered": True}
 
 
 def test_importing_transformers_alone_costs_nothing_more():
@@ -142,8 +142,8 @@ def test_every_route_to_the_factories_activates():
     assert found == {
         "two_objects": True,
         "direct": True,
-        "first": OURS + ".multimodal",
-        "second": OURS + ".multimodal",
+        "first": OURS + ".model.multimodal",
+        "second": OURS + ".model.multimodal",
         "env": ENV_SWITCH,
     }
     switched = run_fresh("""
@@ -155,7 +155,7 @@ def test_every_route_to_the_factories_activates():
         import transformers_qwen35  # an explicit import activates whatever the switch says
         print(json.dumps([builtin, transformers.Qwen3_5ForCausalLM.__module__]))
     """)
-    assert switched == [BUILTIN + ".modeling_qwen3_5", OURS + ".modeling"]
+    assert switched == [BUILTIN + ".modeling_qwen3_5", OURS + ".model.modeling"]
 
 
 def test_builtin_reference_modules_are_untouched():
@@ -199,4 +199,4 @@ def test_threads_that_look_up_a_factory_together_all_get_our_classes():
             thread.join()
         print(json.dumps(built))
     """)
-    assert found == [OURS + ".modeling"] * 4
+    assert found == [OURS + ".model.modeling"] * 4

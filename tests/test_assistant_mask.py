@@ -17,8 +17,8 @@ from real_tokenizer import build_qwen35_tokenizer
 from test_chat_template import CASES, FIXTURES, MISSING, template_for
 from transformers import AutoTokenizer
 
-from transformers_qwen35.chat_template import get_chat_template
-from transformers_qwen35.training_data import IGNORE_INDEX, tokenize_chat
+from transformers_qwen35.chat.template import get_chat_template
+from transformers_qwen35.training.data import IGNORE_INDEX, tokenize_chat
 
 EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "chat.jsonl"
 

@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from transformers_qwen35 import cli, parse_response
-from transformers_qwen35.demo import build_demo_checkpoint
+from transformers_qwen35 import parse_response
+from transformers_qwen35.cli import main as cli
+from transformers_qwen35.cli.demo import build_demo_checkpoint
 
 CPU = ["--device", "cpu", "--dtype", "float32"]
 NEW_TOKENS = 8

@@ -16,8 +16,8 @@ import pytest
 from jinja2.exceptions import TemplateError
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from transformers_qwen35.chat_template import get_chat_template, thinking_default_for
-from transformers_qwen35.presets import official_config, official_config_dict, tiny_config
+from transformers_qwen35.chat.template import get_chat_template, thinking_default_for
+from transformers_qwen35.model.presets import official_config, official_config_dict, tiny_config
 
 FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "chat_renders.jsonl"
 MISSING = f"chat-template fixtures not found at {FIXTURES}"
@@ -75,7 +75,7 @@ def render(messages, template: str, tools=None, **kwargs) -> str:
 
 @pytest.fixture(scope="module")
 def demo_tokenizer():
-    from transformers_qwen35.demo import make_demo_tokenizer
+    from transformers_qwen35.cli.demo import make_demo_tokenizer
 
     return make_demo_tokenizer()
 
@@ -328,8 +328,8 @@ def test_checkpoints_without_a_template_get_ours_for_their_size(tmp_path, size, 
     """A base model or fine-tune that ships no chat template: AutoTokenizer and AutoProcessor give ours."""
     from transformers import AutoProcessor, AutoTokenizer
 
-    from transformers_qwen35.demo import make_demo_tokenizer
-    from transformers_qwen35.presets import official_config_dict
+    from transformers_qwen35.cli.demo import make_demo_tokenizer
+    from transformers_qwen35.model.presets import official_config_dict
 
     tokenizer = make_demo_tokenizer()
     tokenizer.chat_template = None
@@ -345,8 +345,8 @@ def test_checkpoints_without_a_template_get_ours_for_their_size(tmp_path, size, 
 def test_a_shipped_template_is_never_replaced(tmp_path):
     from transformers import AutoTokenizer
 
-    from transformers_qwen35.demo import make_demo_tokenizer
-    from transformers_qwen35.presets import official_config_dict
+    from transformers_qwen35.cli.demo import make_demo_tokenizer
+    from transformers_qwen35.model.presets import official_config_dict
 
     tokenizer = make_demo_tokenizer()
     tokenizer.chat_template = "{{ messages[0]['content'] }}!"

@@ -13,8 +13,8 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextT
 from transformers.models.qwen3_5 import modeling_qwen3_5
 
 from transformers_qwen35 import Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5Model
-from transformers_qwen35.checkpoint import official_tensors, write_random_checkpoint
-from transformers_qwen35.presets import official_config, tiny_config
+from transformers_qwen35.model.checkpoint import official_tensors, write_random_checkpoint
+from transformers_qwen35.model.presets import official_config, tiny_config
 
 # From the official model.safetensors.index.json files: tensor count, total_size, fp32 tensors.
 OFFICIAL_INDEX = {
@@ -147,7 +147,7 @@ def test_a_config_that_does_not_describe_the_weights_is_refused_before_allocatio
     import psutil
     from transformers import AutoModelForCausalLM
 
-    from transformers_qwen35.demo import build_demo_checkpoint
+    from transformers_qwen35.cli.demo import build_demo_checkpoint
 
     directory = build_demo_checkpoint(tmp_path / "ckpt")
     config = json.loads((directory / "config.json").read_text())
@@ -163,7 +163,7 @@ def test_a_config_that_does_not_describe_the_weights_is_refused_before_allocatio
 
 def test_a_checkpoint_in_a_subfolder_is_checked_there(tmp_path):
     """from_pretrained(root, subfolder=...) checks (and carries) the subfolder's tensors, not the root's."""
-    from transformers_qwen35.demo import build_demo_checkpoint
+    from transformers_qwen35.cli.demo import build_demo_checkpoint
 
     build_demo_checkpoint(tmp_path / "root" / "model")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "root", subfolder="model")

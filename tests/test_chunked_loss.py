@@ -10,8 +10,8 @@ import torch
 from conftest import TINY_CONFIGS, build_pair, build_vl_pair, random_pixels, relative_error, vision_run
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from transformers_qwen35 import chunked_loss
-from transformers_qwen35.chunked_loss import (
+from transformers_qwen35.training import chunked_loss
+from transformers_qwen35.training.chunked_loss import (
     CHUNK_ELEMENTS,
     FusedLinearCrossEntropy,
     causal_lm_loss,
@@ -357,7 +357,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def test_multimodal_loss_and_gradients_match_builtin():
     from conftest import IMAGE_PAD
 
-    from transformers_qwen35.multimodal_positions import token_types
+    from transformers_qwen35.model.positions import token_types
 
     ours, native = build_vl_pair(seed=4, attn_implementation="eager", tie_word_embeddings=True)
     ours.loss_chunk_size = 3

@@ -22,8 +22,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import transformers_qwen35
-from transformers_qwen35 import cli, cli_common
-from transformers_qwen35.demo import IM_END, build_demo_checkpoint, build_demo_tokenizer
+from transformers_qwen35.cli import common as cli_common
+from transformers_qwen35.cli import main as cli
+from transformers_qwen35.cli.demo import IM_END, build_demo_checkpoint, build_demo_tokenizer
 
 ERROR_PREFIX = "qwen35: error: "
 CPU = ["--device", "cpu", "--dtype", "float32"]  # the reference below runs float32 on CPU too

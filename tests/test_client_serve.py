@@ -194,5 +194,5 @@ def test_the_server_ran_our_classes(server):
     served_by = sorted({name for path in reports.values() if path.is_file() for name in json.loads(path.read_text())})
     assert served_by, server["log"].read_text()[-4000:]
     assert all(name.startswith("transformers_qwen35.") for name in served_by), served_by
-    assert "transformers_qwen35.processing.Qwen3_5Processor" in served_by
-    assert "transformers_qwen35.multimodal.Qwen3_5ForConditionalGeneration" in served_by
+    assert "transformers_qwen35.chat.processing.Qwen3_5Processor" in served_by
+    assert "transformers_qwen35.model.multimodal.Qwen3_5ForConditionalGeneration" in served_by

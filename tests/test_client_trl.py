@@ -23,8 +23,8 @@ import textwrap
 import pytest
 from client_checkpoints import real_checkpoint
 
-from transformers_qwen35.lora import lora_target_modules
-from transformers_qwen35.training_data import IGNORE_INDEX, tokenize_chat
+from transformers_qwen35.training.data import IGNORE_INDEX, tokenize_chat
+from transformers_qwen35.training.lora import lora_target_modules
 
 pytest.importorskip("trl")
 
@@ -113,7 +113,7 @@ MODES = ["assistant_only", "padding_free", "packing", "lora"]
 @pytest.mark.parametrize("mode", MODES)
 def test_trl_trains_our_class_and_the_loss_goes_down(report, mode):
     entry = report[mode]
-    assert entry["model"] == "transformers_qwen35.multimodal.Qwen3_5ForConditionalGeneration"
+    assert entry["model"] == "transformers_qwen35.model.multimodal.Qwen3_5ForConditionalGeneration"
     losses = entry["losses"]
     assert len(losses) == 8
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.5, losses  # from ~ln(vocab) = 12.4 at the start

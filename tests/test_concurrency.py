@@ -14,7 +14,7 @@ import torch
 from conftest import generate_tokens, left_padded_prompts, write_untied_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
-from transformers_qwen35 import static_decode
+from transformers_qwen35.generation import static_decode
 
 THREADS, ROUNDS = 4, 3
 PATHS = {

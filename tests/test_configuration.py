@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoConfig
 
 from transformers_qwen35 import Qwen3_5Config, Qwen3_5TextConfig, Qwen3_5VisionConfig
-from transformers_qwen35.presets import SIZES, official_config_dict
+from transformers_qwen35.model.presets import SIZES, official_config_dict
 
 
 def _missing_or_changed(original: dict, written: dict, prefix: str = "") -> list[str]:

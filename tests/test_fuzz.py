@@ -18,9 +18,9 @@ from jinja2.exceptions import TemplateError
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from transformers_qwen35 import Qwen3_5ForCausalLM, Qwen3_5Processor, Qwen3_5TextConfig, parse_response
-from transformers_qwen35.chat_template import get_chat_template
-from transformers_qwen35.demo import make_demo_tokenizer
-from transformers_qwen35.response_parsing import StreamingResponseParser
+from transformers_qwen35.chat.parsing import StreamingResponseParser
+from transformers_qwen35.chat.template import get_chat_template
+from transformers_qwen35.cli.demo import make_demo_tokenizer
 
 FAST = settings(max_examples=150, deadline=None, derandomize=True)
 SLOW = settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

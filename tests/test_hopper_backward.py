@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from transformers_qwen35.hopper_backward import chunk_bwd_dqkwg
+from transformers_qwen35.kernels.hopper_backward import chunk_bwd_dqkwg
 
 
 def _chunks(lengths, chunk_size):

@@ -10,9 +10,9 @@ import torch
 from conftest import build_pair, install_exact_fake_fla, install_fake_fla, relative_error
 from transformers.models.qwen3_5 import modeling_qwen3_5
 
-from transformers_qwen35 import kernels
-from transformers_qwen35.ops.causal_conv import causal_conv1d
-from transformers_qwen35.ops.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from transformers_qwen35.kernels import dispatch as kernels
+from transformers_qwen35.kernels.reference.causal_conv import causal_conv1d
+from transformers_qwen35.kernels.reference.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
 
 
 @pytest.fixture
@@ -248,7 +248,7 @@ def test_large_swiglu_without_autograd_is_made_in_place(monkeypatch, fake_fla):
 def test_deferred_residual_adds_give_the_same_logits(monkeypatch, fake_fla, kernel_mode):
     """Short inputs leave each layer's last residual add to the next layer's first norm: the same numbers as adding
     it in place (fp32), on the PyTorch path and on fla's fused norm (fake)."""
-    from transformers_qwen35 import modeling
+    from transformers_qwen35.model import modeling
 
     calls = fake_fla
     monkeypatch.setenv(kernels.KERNELS_ENV, kernel_mode)

@@ -20,16 +20,16 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.models.qwen3_5 import modeling_qwen3_5  # noqa: E402
 
 from transformers_qwen35 import Qwen3_5ForCausalLM  # noqa: E402
-from transformers_qwen35.checkpoint import official_tensors, write_random_checkpoint  # noqa: E402
-from transformers_qwen35.lora import (  # noqa: E402
+from transformers_qwen35.model.checkpoint import official_tensors, write_random_checkpoint  # noqa: E402
+from transformers_qwen35.model.positions import token_types  # noqa: E402
+from transformers_qwen35.model.presets import tiny_config  # noqa: E402
+from transformers_qwen35.training.lora import (  # noqa: E402
     PRESETS,
     check_lora_targets,
     lora_target_modules,
     matched_modules,
     register_peft_defaults,
 )
-from transformers_qwen35.multimodal_positions import token_types  # noqa: E402
-from transformers_qwen35.presets import tiny_config  # noqa: E402
 
 # --- the expected sets, written independently of the module under test -------------------------------------------
 

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from transformers_qwen35 import Qwen3_5Processor
-from transformers_qwen35.demo import make_demo_tokenizer
-from transformers_qwen35.media import MediaPolicy
+from transformers_qwen35.chat.media import MediaPolicy
+from transformers_qwen35.cli.demo import make_demo_tokenizer
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 

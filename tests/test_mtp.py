@@ -21,11 +21,12 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.generation.streamers import BaseStreamer
 
-from transformers_qwen35 import kernels, speculative
-from transformers_qwen35.cache import Qwen3_5HybridCache
-from transformers_qwen35.checkpoint import write_random_checkpoint
-from transformers_qwen35.mtp import mtp_head
-from transformers_qwen35.presets import tiny_config
+from transformers_qwen35.core.cache import Qwen3_5HybridCache
+from transformers_qwen35.generation import speculative
+from transformers_qwen35.kernels import dispatch as kernels
+from transformers_qwen35.model.checkpoint import write_random_checkpoint
+from transformers_qwen35.model.mtp import mtp_head
+from transformers_qwen35.model.presets import tiny_config
 
 VOCAB = 1024
 
@@ -425,7 +426,7 @@ def test_committing_at_once_equals_committing_token_by_token(seed):
     transformers' own EosTokenCriteria after every token."""
     from transformers.generation import EosTokenCriteria, StoppingCriteriaList
 
-    from transformers_qwen35.speculative import _Run
+    from transformers_qwen35.generation.speculative import _Run
 
     generator = torch.Generator().manual_seed(seed)
     batch, length, eos = 5, 4, torch.tensor([3, 7])

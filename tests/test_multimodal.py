@@ -13,7 +13,7 @@ from conftest import (
     vision_run,
 )
 
-from transformers_qwen35.multimodal_positions import token_types
+from transformers_qwen35.model.positions import token_types
 
 IMAGE_GRID = [[1, 4, 4], [1, 2, 6]]  # 4 and 3 merged tokens
 VIDEO_GRID = [[2, 4, 6]]  # two temporal groups of 6 merged tokens

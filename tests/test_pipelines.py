@@ -11,8 +11,8 @@ from transformers.models.qwen3_5 import modeling_qwen3_5
 from transformers.utils import is_torchvision_available
 
 from transformers_qwen35 import Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration
-from transformers_qwen35.demo import build_demo_checkpoint
-from transformers_qwen35.processing import Qwen3_5Processor
+from transformers_qwen35.chat.processing import Qwen3_5Processor
+from transformers_qwen35.cli.demo import build_demo_checkpoint
 
 NEW_TOKENS = 6
 

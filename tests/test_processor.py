@@ -12,8 +12,8 @@ from transformers import AutoProcessor
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.utils import is_torchvision_available
 
-from transformers_qwen35.demo import build_demo_checkpoint, make_demo_tokenizer
-from transformers_qwen35.processing import Qwen3_5Processor, default_image_processor
+from transformers_qwen35.chat.processing import Qwen3_5Processor, default_image_processor
+from transformers_qwen35.cli.demo import build_demo_checkpoint, make_demo_tokenizer
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"

@@ -240,7 +240,7 @@ def test_skip_special_tokens_keeps_think_and_tool_tokens(tok):
 @pytest.fixture(scope="session")
 def processor(tok):
     pytest.importorskip("PIL")
-    from transformers_qwen35.processing import Qwen3_5Processor
+    from transformers_qwen35.chat.processing import Qwen3_5Processor
 
     return Qwen3_5Processor(tokenizer=tok)
 

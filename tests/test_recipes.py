@@ -14,7 +14,7 @@ peft = pytest.importorskip("peft")
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from transformers_qwen35.demo import build_demo_checkpoint  # noqa: E402
+from transformers_qwen35.cli.demo import build_demo_checkpoint  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent.parent / "examples" / "finetune"
 

@@ -13,7 +13,7 @@ from transformers_qwen35 import (
     Qwen3_5TextConfig,
     Qwen3_5TextModel,
 )
-from transformers_qwen35.presets import tiny_config
+from transformers_qwen35.model.presets import tiny_config
 
 
 def test_auto_classes_resolve_to_this_package_and_register_is_idempotent():

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from transformers_qwen35.response_parsing import (
+from transformers_qwen35.chat.parsing import (
     StreamingResponseParser,
     _convert_value,
     _index_tools,

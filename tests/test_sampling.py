@@ -8,9 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from transformers_qwen35 import presets
-from transformers_qwen35.checkpoint import write_random_checkpoint
-from transformers_qwen35.sampling import PresencePenaltyLogitsProcessor, recommended_sampling, thinking_by_default
+from transformers_qwen35.generation.sampling import (
+    PresencePenaltyLogitsProcessor,
+    recommended_sampling,
+    thinking_by_default,
+)
+from transformers_qwen35.model import presets
+from transformers_qwen35.model.checkpoint import write_random_checkpoint
 
 
 @pytest.mark.parametrize(
@@ -65,7 +69,7 @@ def test_checkpoint_without_generation_config_samples_as_recommended(tmp_path, m
 def test_apply_card_sets_the_mode_and_returns_the_presence_penalty():
     from transformers import GenerationConfig
 
-    from transformers_qwen35.sampling import apply_card
+    from transformers_qwen35.generation.sampling import apply_card
 
     settings = GenerationConfig(do_sample=False, max_new_tokens=5)
     processors = apply_card(settings, "4B", thinking=False)

@@ -15,9 +15,9 @@ from conftest import (
 )
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
-from transformers_qwen35 import speculative
-from transformers_qwen35.cache import Qwen3_5HybridCache
-from transformers_qwen35.static_decode import StaticHybridCache, forward_block
+from transformers_qwen35.core.cache import Qwen3_5HybridCache
+from transformers_qwen35.generation import speculative
+from transformers_qwen35.generation.static_decode import StaticHybridCache, forward_block
 
 VOCAB = 1024
 
@@ -135,7 +135,7 @@ def test_the_static_cache_is_reused_by_the_next_call_that_fits(checkpoint):
     """Capturing CUDA graphs costs as much as many steps: a second call with the same batch size and a prompt that
     fits the buffers decodes on the same cache (refilled, so its tokens are still plain decoding's); a larger
     request, or parameters that moved, get a new one."""
-    from transformers_qwen35.static_decode import _CACHES, release_static_cache
+    from transformers_qwen35.generation.static_decode import _CACHES, release_static_cache
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     first_ids, first_mask = left_padded_prompts(seed=4)
@@ -164,14 +164,14 @@ def test_the_static_cache_is_reused_by_the_next_call_that_fits(checkpoint):
 def test_static_is_the_default_where_cuda_graphs_decode(checkpoint, monkeypatch):
     """On CUDA plain generate() takes the static loop (stood in for here by saying this CPU model decodes on CUDA
     graphs), unless the request needs transformers' loop or asks for it with cache_implementation="dynamic"."""
-    from transformers_qwen35 import modeling
-    from transformers_qwen35.static_decode import _CACHES
+    from transformers_qwen35.generation import mixin
+    from transformers_qwen35.generation.static_decode import _CACHES
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     ids, mask = left_padded_prompts(seed=6)
     reference = generate_tokens(model, ids, mask)
     assert model not in _CACHES  # on a CPU the default stays transformers' loop
-    monkeypatch.setattr(modeling, "_decodes_on_cuda_graphs", lambda model: True)
+    monkeypatch.setattr(mixin, "_decodes_on_cuda_graphs", lambda model: True)
     for settings in (dict(cache_implementation="dynamic"), dict(num_beams=2), dict(return_dict_in_generate=True)):
         out = generate_tokens(model, ids, mask, **settings)
         assert model not in _CACHES, settings
@@ -219,8 +219,8 @@ def test_adapter_switches_are_never_replayed_from_a_stale_capture(checkpoint, mo
     """A captured graph replays the Python branches of its forward: PEFT adapters switched on or off (same weights,
     same addresses) must give a new capture, and such models keep transformers' loop unless static is asked for."""
     peft = pytest.importorskip("peft")
-    from transformers_qwen35 import modeling
-    from transformers_qwen35.static_decode import _CACHES
+    from transformers_qwen35.generation import mixin
+    from transformers_qwen35.generation.static_decode import _CACHES
 
     base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["in_proj_qkv", "o_proj"], init_lora_weights=False)
@@ -238,14 +238,14 @@ def test_adapter_switches_are_never_replayed_from_a_stale_capture(checkpoint, mo
     assert _CACHES[base] is not first
     assert torch.equal(generate_tokens(model, ids, mask, cache_implementation="static"), adapted)
 
-    monkeypatch.setattr(modeling, "_decodes_on_cuda_graphs", lambda model: True)
+    monkeypatch.setattr(mixin, "_decodes_on_cuda_graphs", lambda model: True)
     _CACHES.pop(base)
     assert torch.equal(generate_tokens(model, ids, mask), adapted)
     assert base not in _CACHES  # the default keeps transformers' loop for adapted models
 
 
 def test_a_failed_capture_decodes_without_graphs(monkeypatch):
-    from transformers_qwen35 import speculative
+    from transformers_qwen35.generation import speculative
 
     class Refused:
         def __init__(self, *args, **kwargs):

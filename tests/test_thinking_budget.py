@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from transformers_qwen35 import Qwen3_5ForCausalLM, Qwen3_5TextConfig
-from transformers_qwen35.demo import make_demo_tokenizer
-from transformers_qwen35.thinking_budget import ThinkingBudgetProcessor
+from transformers_qwen35.cli.demo import make_demo_tokenizer
+from transformers_qwen35.generation.thinking_budget import ThinkingBudgetProcessor
 
 OPEN, NL, CLOSE, NLNL = 90, 10, 91, 11  # made-up ids for the unit tests
 WORDS = [40, 41, 42, 43, 44, 45, 46, 47]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, pipeline
 
-from transformers_qwen35.demo import build_demo_checkpoint
+from transformers_qwen35.cli.demo import build_demo_checkpoint
 
 THINKING_PROMPT_END = "<|im_start|>assistant\n<think>\n"
 NON_THINKING_PROMPT_END = "<|im_start|>assistant\n<think>\n\n</think>\n\n"

@@ -18,9 +18,9 @@ from PIL import Image, ImageDraw
 from transformers import DataCollatorWithFlattening
 
 from transformers_qwen35 import Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5Processor, Qwen3_5TextConfig
-from transformers_qwen35.demo import make_demo_tokenizer
-from transformers_qwen35.presets import tiny_config
-from transformers_qwen35.training_data import (
+from transformers_qwen35.cli.demo import make_demo_tokenizer
+from transformers_qwen35.model.presets import tiny_config
+from transformers_qwen35.training.data import (
     IGNORE_INDEX,
     NoAssistantTurnError,
     PaddingCollator,
@@ -215,7 +215,7 @@ def test_skipped_rows_are_counted_and_reported(tokenizer, caplog, tmp_path):
     rows = [GOOD, USER_ONLY, LONG, SYSTEM_USER, GOOD]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows) + "\n")  # a blank line is ignored
-    with caplog.at_level(logging.WARNING, logger="transformers_qwen35.training_data"):
+    with caplog.at_level(logging.WARNING, logger="transformers_qwen35.training.data"):
         dataset = load_chat_dataset(path, tokenizer, max_length=64)
     assert len(dataset) == 2
     assert dataset.skipped == {"no_assistant_turn": 2, "too_long": 1}
@@ -226,7 +226,7 @@ def test_skipped_rows_are_counted_and_reported(tokenizer, caplog, tmp_path):
 
     # in-memory rows give the same result; nothing skipped, nothing logged
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="transformers_qwen35.training_data"):
+    with caplog.at_level(logging.WARNING, logger="transformers_qwen35.training.data"):
         kept = load_chat_dataset([GOOD, LONG], tokenizer, max_length=None)
     assert len(kept) == 2 and kept.skipped == {"no_assistant_turn": 0, "too_long": 0}
     assert not caplog.records

@@ -1,4 +1,4 @@
-"""Graphed training steps (training_graphs.py) on CPU: the capture replaced by one that replays by running the
+"""Graphed training steps (training/graphs.py) on CPU: the capture replaced by one that replays by running the
 captured function again, writing into the tensors the capture returned, as a CUDA graph overwrites its memory. What
 runs here is everything around the graphs: when they are used, the autograd plumbing, gradient accumulation, the
 shape cache and the ways back to eager steps. The real capture is tested in tests/gpu."""
@@ -13,7 +13,7 @@ import torch
 from conftest import HostSyncs, Qwen3_5ForCausalLM, Qwen3_5TextConfig, install_exact_fake_fla, tiny_text_kwargs
 from transformers.utils import logging as hf_logging
 
-from transformers_qwen35 import training_graphs
+from transformers_qwen35.training import graphs as training_graphs
 
 
 class ReplayingGraph:

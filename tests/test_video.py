@@ -33,12 +33,12 @@ from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor  #
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor  # noqa: E402
 
 from transformers_qwen35 import Qwen3_5ForConditionalGeneration  # noqa: E402
-from transformers_qwen35.demo import build_demo_checkpoint  # noqa: E402
-from transformers_qwen35.processing import (  # noqa: E402
+from transformers_qwen35.chat.processing import (  # noqa: E402
     OFFICIAL_IMAGE_PROCESSOR,
     OFFICIAL_VIDEO_PROCESSOR,
     Qwen3_5Processor,
 )
+from transformers_qwen35.cli.demo import build_demo_checkpoint  # noqa: E402
 
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"

@@ -32,8 +32,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorWithFl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recipe_utils  # noqa: E402
 
-from transformers_qwen35.lora import lora_target_modules  # noqa: E402
-from transformers_qwen35.training_data import load_chat_dataset  # noqa: E402
+from transformers_qwen35.training.data import load_chat_dataset  # noqa: E402
+from transformers_qwen35.training.lora import lora_target_modules  # noqa: E402
 
 EVAL_ROWS = 16
 

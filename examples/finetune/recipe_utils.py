@@ -15,7 +15,7 @@ import torch
 from transformers import TrainingArguments
 
 import transformers_qwen35  # noqa: F401  (registers the Qwen3.5 classes with the Auto* factories)
-from transformers_qwen35.demo import build_demo_checkpoint
+from transformers_qwen35.cli.demo import build_demo_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parent.parent
 # transformers 5.24 renamed TrainingArguments' gradient_checkpointing to activation_checkpointing.

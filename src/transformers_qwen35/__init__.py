@@ -6,24 +6,24 @@ without that import, in any process that looks up a transformers factory (``tran
 ``TRANSFORMERS_QWEN35_AUTOLOAD=0`` turns that off; docs/ecosystem.md).
 """
 
-from .cache import Qwen3_5HybridCache
-from .chat_template import get_chat_template, thinking_default_for
-from .classification import (
+from .chat.parsing import StreamingResponseParser, parse_response
+from .chat.processing import Qwen3_5Processor
+from .chat.template import get_chat_template, thinking_default_for
+from .core.cache import Qwen3_5HybridCache
+from .core.configuration import Qwen3_5Config, Qwen3_5TextConfig, Qwen3_5VisionConfig
+from .generation.sampling import PresencePenaltyLogitsProcessor, recommended_sampling
+from .generation.thinking_budget import ThinkingBudgetProcessor
+from .model.classification import (
     Qwen3_5ForSequenceClassification,
     Qwen3_5ForTokenClassification,
     Qwen3_5TextForSequenceClassification,
 )
-from .configuration import Qwen3_5Config, Qwen3_5TextConfig, Qwen3_5VisionConfig
-from .lora import check_lora_targets, lora_target_modules, register_peft_defaults
-from .modeling import Qwen3_5ForCausalLM, Qwen3_5PreTrainedModel, Qwen3_5TextModel
-from .multimodal import Qwen3_5ForConditionalGeneration, Qwen3_5Model
-from .processing import Qwen3_5Processor
+from .model.modeling import Qwen3_5ForCausalLM, Qwen3_5PreTrainedModel, Qwen3_5TextModel
+from .model.multimodal import Qwen3_5ForConditionalGeneration, Qwen3_5Model
+from .model.vision import Qwen3_5VisionModel
 from .registration import register
-from .response_parsing import StreamingResponseParser, parse_response
-from .sampling import PresencePenaltyLogitsProcessor, recommended_sampling
-from .thinking_budget import ThinkingBudgetProcessor
-from .training_data import PaddingCollator, load_chat_dataset, tokenize_chat
-from .vision import Qwen3_5VisionModel
+from .training.data import PaddingCollator, load_chat_dataset, tokenize_chat
+from .training.lora import check_lora_targets, lora_target_modules, register_peft_defaults
 
 __version__ = "0.1.0"
 

@@ -16,19 +16,19 @@ from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 from transformers.models.auto import modeling_auto
 from transformers.utils import logging
 
-from .chat_template import get_chat_template, thinking_default_for
-from .checkpoint import read_checkpoint_json
-from .classification import (
+from .chat.processing import Qwen3_5Processor
+from .chat.template import get_chat_template, thinking_default_for
+from .core.configuration import Qwen3_5Config, Qwen3_5TextConfig, Qwen3_5VisionConfig
+from .model.checkpoint import read_checkpoint_json
+from .model.classification import (
     Qwen3_5ForSequenceClassification,
     Qwen3_5ForTokenClassification,
     Qwen3_5TextForSequenceClassification,
 )
-from .configuration import Qwen3_5Config, Qwen3_5TextConfig, Qwen3_5VisionConfig
-from .lora import register_peft_defaults
-from .modeling import Qwen3_5ForCausalLM, Qwen3_5PreTrainedModel, Qwen3_5TextModel
-from .multimodal import Qwen3_5ForConditionalGeneration, Qwen3_5Model
-from .processing import Qwen3_5Processor
-from .vision import Qwen3_5VisionModel
+from .model.modeling import Qwen3_5ForCausalLM, Qwen3_5PreTrainedModel, Qwen3_5TextModel
+from .model.multimodal import Qwen3_5ForConditionalGeneration, Qwen3_5Model
+from .model.vision import Qwen3_5VisionModel
+from .training.lora import register_peft_defaults
 
 logger = logging.get_logger(__name__)
 

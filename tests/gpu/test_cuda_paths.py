@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import ROPE, build_pair, relative_error
 
-from transformers_qwen35 import kernels
-from transformers_qwen35.modeling import CACHE_FIELD
+from transformers_qwen35.core.masks import CACHE_FIELD
+from transformers_qwen35.kernels import dispatch as kernels
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -78,7 +78,7 @@ def test_fla_backward_matches_pytorch_path(monkeypatch):
     """Training on the fla path (through our replacement for the piece fla refuses on Hopper with Triton < 3.7.1),
     against the fp32 PyTorch path: under bf16 autocast, loss and gradients within the distance of the PyTorch path
     under the same autocast; in fp32 (fla's dots in TF32), every parameter's gradient close on its own."""
-    from transformers_qwen35 import hopper_backward
+    from transformers_qwen35.kernels import hopper_backward
 
     ours, _ = _pair(dtype=torch.float32, seed=1)
     ours.train()
@@ -117,8 +117,8 @@ def test_fla_backward_at_the_real_head_size_where_fla_refuses_its_own(monkeypatc
     piece through fla's backend registry. The whole op (K = V = 128; grouped value heads when packed; bf16) against
     our PyTorch path in fp32: output, final state and every input gradient. Elsewhere fla's own kernel runs and must
     agree too."""
-    from transformers_qwen35 import hopper_backward
-    from transformers_qwen35.ops.gated_delta_rule import chunk_gated_delta_rule as torch_chunk
+    from transformers_qwen35.kernels import hopper_backward
+    from transformers_qwen35.kernels.reference.gated_delta_rule import chunk_gated_delta_rule as torch_chunk
 
     fla = kernels._load_fla()
     calls = []
@@ -206,8 +206,8 @@ def official_tiny(tmp_path_factory):
     """A tiny official-layout checkpoint (MTP head included) on the GPU in fp32, TF32 off so that ties cannot differ."""
     from transformers import AutoModelForCausalLM
 
-    from transformers_qwen35.checkpoint import write_random_checkpoint
-    from transformers_qwen35.presets import tiny_config
+    from transformers_qwen35.model.checkpoint import write_random_checkpoint
+    from transformers_qwen35.model.presets import tiny_config
 
     torch.backends.cuda.matmul.allow_tf32 = False
     config = tiny_config(vocab_size=512)
@@ -240,7 +240,7 @@ def test_mtp_greedy_is_lossless_on_the_gpu(official_tiny, monkeypatch):
 
 
 def test_static_decoding_with_cuda_graphs_equals_plain_decoding(official_tiny, monkeypatch):
-    from transformers_qwen35.static_decode import CUDA_GRAPHS_ENV
+    from transformers_qwen35.generation.static_decode import CUDA_GRAPHS_ENV
 
     _with_kernels(monkeypatch, "auto")
     reference = _generate(official_tiny, cache_implementation="dynamic")  # transformers' own loop
@@ -253,8 +253,8 @@ def test_static_decoding_with_cuda_graphs_equals_plain_decoding(official_tiny, m
 
 
 def test_a_graph_replay_equals_the_eager_block(official_tiny):
-    from transformers_qwen35.cache import Qwen3_5HybridCache
-    from transformers_qwen35.static_decode import GraphedBlock, StaticHybridCache, forward_block
+    from transformers_qwen35.core.cache import Qwen3_5HybridCache
+    from transformers_qwen35.generation.static_decode import GraphedBlock, StaticHybridCache, forward_block
 
     model = official_tiny
     ids, mask = _batch()
@@ -279,14 +279,14 @@ def test_a_graph_replay_equals_the_eager_block(official_tiny):
 
 @pytest.mark.parametrize("dtype, padded", [(torch.float32, False), (torch.bfloat16, True)])
 def test_graphed_training_steps_equal_eager_steps_on_fla(monkeypatch, dtype, padded):
-    """training_graphs.py with real CUDA graphs: per-step losses and gradients (two micro-batches accumulated per
+    """training/graphs.py with real CUDA graphs: per-step losses and gradients (two micro-batches accumulated per
     step; padded: every batch left-padded by a different amount) of the graphed model equal those of an eager copy;
     the graphs were captured once and replayed."""
     import copy
     import gc
     import weakref
 
-    from transformers_qwen35 import training_graphs
+    from transformers_qwen35.training import graphs as training_graphs
 
     _with_kernels(monkeypatch, "fla")
     graphed, _ = _pair(dtype=dtype, seed=2, attn_implementation="sdpa")  # eager attention takes a mask: not graphed

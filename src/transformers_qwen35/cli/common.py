@@ -1,7 +1,7 @@
 """What the ``qwen35`` commands share: errors and notices, where a model comes from, the checks run before
 anything is loaded, loading, prompt building, generation settings, and the argument types.
 
-``cli.py`` (``generate``, ``demo``, the parser and ``main``) and ``chat_cli.py`` (``chat``) both import this module,
+``main.py`` (``generate``, ``demo``, the parser and ``main``) and ``chat.py`` (``chat``) both import this module,
 and nothing here imports them.
 """
 
@@ -25,8 +25,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
-from .checkpoint import check_checkpoint_tensors
-from .configuration import Qwen3_5TextConfig
+from ..core.configuration import Qwen3_5TextConfig
+from ..model.checkpoint import check_checkpoint_tensors
 
 PROG = "qwen35"
 DEFAULT_MODEL = "Qwen/Qwen3.5-0.8B"

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from transformers import TextStreamer
 
-from . import __version__
-from .chat_cli import add_chat_parser
-from .cli_common import (
+from .. import __version__
+from ..generation.sampling import apply_card
+from .chat import add_chat_parser
+from .common import (
     ALLOW_MISSING_HELP,
     DEFAULT_MODEL,
     DEFAULT_PROMPT,
@@ -54,7 +55,6 @@ from .cli_common import (
     transformers_output,
 )
 from .demo import build_demo_checkpoint, claim_demo_directory
-from .sampling import apply_card
 
 # --------------------------------------------------------------------------------------------------------------------
 # Commands

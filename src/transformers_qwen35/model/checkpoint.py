@@ -10,7 +10,7 @@
   whole instead of silently dropping them. Tensors are read lazily from the source files at save time.
 
 Loading itself is transformers' own: the built-in rule renames ``model.language_model.*`` to ``model.*`` for the
-text-only classes (registered for ours in ``registration.py``).
+text-only classes (registered for ours in the package's ``registration.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .configuration import Qwen3_5Config
+from ..core.configuration import Qwen3_5Config
 from .presets import tiny_config  # noqa: F401  (re-exported: the demo's and tests' checkpoint shape)
 
 TEXT_PREFIX = "model.language_model."

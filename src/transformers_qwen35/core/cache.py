@@ -17,7 +17,7 @@ A transformers cache the user built (``DynamicCache(config=model.config)``, as t
 in place through ``TransformersCacheAdapter``: the model reads and writes that object's layers, so the caller's
 object holds the states afterwards and is what the model returns.
 
-Speculative decoding (``speculative.py``) needs what a plain cache cannot do: after a forward over several
+Speculative decoding (``generation/speculative.py``) needs what a plain cache cannot do: after a forward over several
 proposed tokens, keep the states as they were after only the first ``n`` of them, ``n`` differing per row. While
 ``speculating`` is set, every Gated DeltaNet layer records its starting states and the inputs of its conv and
 recurrence (a few tokens' worth); ``keep_speculated`` then recomputes each row's states over its kept tokens only
@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, LinearAttentionCacheLayerMixin
 
-from . import kernels
+from ..kernels import dispatch
 from .configuration import FULL_ATTENTION
 
 CROP_REFUSAL = (
@@ -124,7 +124,7 @@ class Qwen3_5HybridCache(Cache):
         self, layer_idx, conv_state, recurrent_state, conv_input, q, k, v, a, b, A_log, dt_bias
     ) -> None:
         """Called by a Gated DeltaNet layer during a speculative forward: its states before the forward and the
-        inputs of its conv ``(B, T, D)`` and recurrence (as given to ``kernels.gated_delta_rule``:
+        inputs of its conv ``(B, T, D)`` and recurrence (as given to ``dispatch.gated_delta_rule``:
         the gates by their projections, so that the recomputation makes them as the forward did)."""
         self._linear_steps[layer_idx] = (conv_state, recurrent_state, conv_input, q, k, v, a, b, A_log, dt_bias)
 
@@ -205,7 +205,7 @@ def _states_after(step: tuple, kept: torch.Tensor, length: int) -> tuple[torch.T
     dropped = torch.arange(length, device=kept.device)[None, :] >= kept[:, None]  # (B, T)
     dropped = dropped.to(a.device)[..., None]
     a, b = a.masked_fill(dropped, -torch.inf), b.masked_fill(dropped, -torch.inf)
-    _, recurrent = kernels.gated_delta_rule(q, k, v, a, b, A_log, dt_bias, recurrent_state, output_final_state=True)
+    _, recurrent = dispatch.gated_delta_rule(q, k, v, a, b, A_log, dt_bias, recurrent_state, output_final_state=True)
     width = conv_state.shape[-1]
     window = torch.cat([conv_state, conv_input.transpose(1, 2).to(conv_state.dtype)], dim=-1)  # (B, D, K + T)
     columns = kept.to(window.device)[:, None] + torch.arange(width, device=window.device)[None, :]  # (B, K)

@@ -1,8 +1,8 @@
 """Whether PyTorch module hooks run Python around a module's forward or backward.
 
 Three fast paths work without calling modules one by one: the fused training loss reads ``lm_head``'s weight
-(chunked_loss.py), the norms' ``1 + w`` is made for all of them at once before they run (kernels.py), and CUDA graphs
-replay recorded kernels (training_graphs.py). Each would skip a hook (FSDP / ZeRO-3 gathering parameters, offload
+(training/chunked_loss.py), the norms' ``1 + w`` is made for all of them at once before they run (dispatch.py), and
+CUDA graphs replay recorded kernels (training/graphs.py). Each would skip a hook (FSDP / ZeRO-3 gathering parameters, offload
 moving them, PEFT or user hooks), so each stands aside wherever one is registered.
 """
 

@@ -22,9 +22,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .cache import Qwen3_5HybridCache
-from .configuration import FULL_ATTENTION
-from .modeling import Qwen3_5DecoderLayer, Qwen3_5RMSNorm
+from ..core.cache import Qwen3_5HybridCache
+from ..core.configuration import FULL_ATTENTION
+from .layers import Qwen3_5DecoderLayer, Qwen3_5RMSNorm
 
 PREFIX = "mtp."
 

@@ -23,11 +23,11 @@ from transformers.utils import logging
 
 from . import hopper_backward
 from .module_hooks import runs_hooks
-from .ops.causal_conv import causal_conv1d as torch_causal_conv1d
-from .ops.gated_delta_rule import chunk_gated_delta_rule as torch_chunk_gated_delta_rule
-from .ops.gated_delta_rule import recurrent_gated_delta_rule as torch_recurrent_gated_delta_rule
-from .ops.gated_norm import gated_rms_norm as torch_gated_rms_norm
-from .ops.rms_norm import zero_centred_rms_norm as torch_rms_norm
+from .reference.causal_conv import causal_conv1d as torch_causal_conv1d
+from .reference.gated_delta_rule import chunk_gated_delta_rule as torch_chunk_gated_delta_rule
+from .reference.gated_delta_rule import recurrent_gated_delta_rule as torch_recurrent_gated_delta_rule
+from .reference.gated_norm import gated_rms_norm as torch_gated_rms_norm
+from .reference.rms_norm import zero_centred_rms_norm as torch_rms_norm
 
 logger = logging.get_logger(__name__)
 

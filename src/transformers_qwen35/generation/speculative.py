@@ -44,9 +44,9 @@ from transformers.generation import (
 )
 from transformers.utils import logging
 
-from .cache import Qwen3_5HybridCache
-from .modeling import CACHE_FIELD, _attention_mask
-from .mtp import mtp_head
+from ..core.cache import Qwen3_5HybridCache
+from ..core.masks import CACHE_FIELD, build_attention_mask
+from ..kernels.graph_key import moved_by_hooks
 from .sampling import PresencePenaltyLogitsProcessor
 from .static_decode import (
     CUDA_GRAPHS_ENV,
@@ -54,7 +54,6 @@ from .static_decode import (
     StaticHybridCache,
     cuda_graphs_enabled,
     forward_block,
-    moved_by_hooks,
     return_static_cache,
     static_cache_for,
 )
@@ -152,7 +151,7 @@ def check_request(model, draft_tokens, kwargs: dict) -> None:
             "input_ids instead."
         )
     if draft_tokens:
-        mtp_head(model)  # a missing head is reported now, not after the prefill
+        model.get_mtp_head()  # a missing head is reported now, not after the prefill
 
 
 def mtp_generate(
@@ -199,7 +198,7 @@ class _Run:
 
     def __init__(self, model, input_ids, processors, criteria, generation_config, streamer, draft_tokens, static):
         self.model, self.K, self.streamer = model, draft_tokens, streamer
-        self.head = mtp_head(model) if draft_tokens else None
+        self.head = model.get_mtp_head() if draft_tokens else None
         self.static = static
         self.text_model = model.model.language_model if hasattr(model.model, "language_model") else model.model
         # CUDA graphs for the static loop's blocks, unless turned off or accelerate's hooks move tensors in Python.
@@ -287,7 +286,7 @@ class _Run:
         embeddings = self.model.get_input_embeddings()(tokens)
         cos_sin = self.text_model.rotary_emb(hidden, rope)
         implementation = self.text_model.config._attn_implementation or "eager"
-        mask = _attention_mask(
+        mask = build_attention_mask(
             None if bool(key_valid.all()) else key_valid, None, hidden.shape[0], length, past, hidden.device,
             needs_causal_mask=implementation == "eager",
         )  # fmt: skip

@@ -15,9 +15,9 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .chat_template import get_chat_template
-from .checkpoint import write_random_checkpoint
-from .presets import tiny_config
+from ..chat.template import get_chat_template
+from ..model.checkpoint import write_random_checkpoint
+from ..model.presets import tiny_config
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -157,7 +157,12 @@ def _write_generation_config(directory: Path, tokenizer: PreTrainedTokenizerFast
 
 def _write_processor_configs(directory: Path) -> None:
     """The official repos' image and video processor files, which name transformers' ``Qwen3VLProcessor``."""
-    from .processing import IMAGE_CONFIG_FILE, OFFICIAL_IMAGE_PROCESSOR, OFFICIAL_VIDEO_PROCESSOR, VIDEO_CONFIG_FILE
+    from ..chat.processing import (
+        IMAGE_CONFIG_FILE,
+        OFFICIAL_IMAGE_PROCESSOR,
+        OFFICIAL_VIDEO_PROCESSOR,
+        VIDEO_CONFIG_FILE,
+    )
 
     image = {**OFFICIAL_IMAGE_PROCESSOR, "processor_class": "Qwen3VLProcessor"}
     image["image_processor_type"] = "Qwen2VLImageProcessorFast"

@@ -22,9 +22,9 @@ from transformers import AutoTokenizer
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.utils import logging
 
-from .chat_template import get_chat_template, thinking_default_for
-from .checkpoint import read_checkpoint_json
+from ..model.checkpoint import read_checkpoint_json
 from .media import MediaPolicy, open_image, to_8bit
+from .template import get_chat_template, thinking_default_for
 
 logger = logging.get_logger(__name__)
 

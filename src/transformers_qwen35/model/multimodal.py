@@ -5,7 +5,7 @@ official checkpoint's ``model.visual.*`` and ``model.language_model.*``; ``Qwen3
 ``lm_head``. Inputs are checked against each other (pixel rows vs grids vs placeholder counts vs the position limit)
 before the vision tower runs, so a wrong input costs nothing and says how to fix it.
 
-Rotary positions come from ``multimodal_positions.py``; each row's offset after its images is kept in the cache
+Rotary positions come from ``positions.py``; each row's offset after its images is kept in the cache
 (``Qwen3_5HybridCache.rope_deltas``), so cached decoding, beams and continued generations pick it up.
 """
 
@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, modeling_outputs
+from transformers import modeling_outputs
 from transformers.utils.generic import can_return_tuple
 
-from .cache import Qwen3_5HybridCache, model_state
-from .configuration import Qwen3_5Config
+from ..core.cache import Qwen3_5HybridCache, model_state
+from ..core.configuration import Qwen3_5Config
+from ..generation.mixin import Qwen3_5GenerationMixin
 from .modeling import (
     LM_HEAD_TP_PLAN,
     Qwen3_5PreTrainedModel,
@@ -27,7 +28,7 @@ from .modeling import (
     check_position_ids,
     check_token_ids,
 )
-from .multimodal_positions import IMAGE, TEXT, VIDEO, rope_positions, token_types
+from .positions import IMAGE, TEXT, VIDEO, rope_positions, token_types
 from .vision import Qwen3_5VisionModel, validate_grids
 
 VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
@@ -261,7 +262,7 @@ def _check_pixels(pixels, grids, vision_config, what):
     validate_grids(grids, pixels.shape[0], vision_config, what)
 
 
-class Qwen3_5ForConditionalGeneration(Qwen3_5PreTrainedModel, GenerationMixin):
+class Qwen3_5ForConditionalGeneration(Qwen3_5PreTrainedModel, Qwen3_5GenerationMixin):
     config: Qwen3_5Config
     config_class = Qwen3_5Config
     _tp_plan = LM_HEAD_TP_PLAN

@@ -6,7 +6,7 @@ weights of the real shapes) and the demo (a tiny model of the same layout).
 
 from __future__ import annotations
 
-from .configuration import Qwen3_5Config
+from ..core.configuration import Qwen3_5Config
 
 ROPE = {
     "mrope_interleaved": True,

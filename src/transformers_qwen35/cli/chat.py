@@ -23,8 +23,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from .chat_template import thinking_default_for
-from .cli_common import (
+from ..chat.parsing import StreamingResponseParser
+from ..chat.template import thinking_default_for
+from ..generation.sampling import apply_card
+from .common import (
     ALLOW_MISSING_HELP,
     MTP_HELP,
     CliError,
@@ -41,8 +43,6 @@ from .cli_common import (
     seed_value,
 )
 from .demo import build_demo_checkpoint
-from .response_parsing import StreamingResponseParser
-from .sampling import apply_card
 
 HELP = """commands:
   /think          think before answering (from the next message on)
@@ -159,7 +159,7 @@ class ChatSession:
         if not path:
             info("usage: /image PATH")
             return
-        from .media import MediaPolicy, open_image, to_8bit
+        from ..chat.media import MediaPolicy, open_image, to_8bit
 
         try:
             index = len(self.images)

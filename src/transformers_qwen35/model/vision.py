@@ -23,7 +23,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .configuration import Qwen3_5VisionConfig
+from ..core.configuration import Qwen3_5VisionConfig
 
 # The released checkpoints use theta 10,000 for the vision rotary embedding (later configs spell it out).
 DEFAULT_VISION_ROPE_THETA = 10000.0

@@ -21,7 +21,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.modeling_layers import GenericForSequenceClassification, GenericForTokenClassification
 
-from .configuration import Qwen3_5Config, Qwen3_5TextConfig
+from ..core.configuration import Qwen3_5Config, Qwen3_5TextConfig
 from .modeling import Qwen3_5PreTrainedModel, Qwen3_5TextModel
 from .multimodal import Qwen3_5Model
 

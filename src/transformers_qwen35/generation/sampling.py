@@ -7,8 +7,8 @@ give one setting per size group, mode and task; ``recommended_sampling`` returns
 ``repetition_penalty`` is a different, multiplicative mechanism and stays at 1.0 as the cards say.
 
 Where these apply by themselves: a checkpoint loaded without a ``generation_config.json`` gets its size's default
-mode settings as its generation config (see ``modeling.Qwen3_5PreTrainedModel.from_pretrained``), and ``qwen35``
-uses the full setting, presence penalty included, for the mode of each prompt. Anything the user passes wins.
+mode settings as its generation config (see ``Qwen3_5PreTrainedModel.from_pretrained`` in ``model/modeling.py``),
+and ``qwen35`` uses the full setting, presence penalty included, for the mode of each prompt. Anything the user passes wins.
 """
 
 from __future__ import annotations

@@ -3,15 +3,15 @@ shape as a CUDA graph and replayed inside autograd.
 
 Why: a 4k-token training step of the 0.8B model on an H100 took 213 ms, of which the GPU's arithmetic is a fraction
 (matmuls ~30 ms at its rate, fla's kernels ~13 ms). The rest is the host launching a few thousand kernels from Python
-(docs/performance.md): the same cost CUDA graphs remove from decoding (``static_decode.py``). Here the decoder layers
-and the final norm run as one graph forward and one graph backward; the embedding lookup, the output head with its
+(docs/performance.md): the same cost CUDA graphs remove from decoding (``generation/static_decode.py``). Here the
+decoder layers and the final norm run as one graph forward and one graph backward; the embedding lookup, the output head with its
 chunked loss, and the optimizer stay eager (a few dozen launches).
 
 A graph replays fixed kernels on fixed memory, so it serves only batches it can replay exactly: CUDA, training mode
 with gradients on, one shape (batch, length, hidden) and dtype, with or without a padding mask (its values are graph
 inputs, so batches padded to one length share a capture), no cache, no packing, no activation checkpointing, no
 per-layer outputs, no module hooks, SDPA or eager attention (flash attention unpads on the host), and a model as it
-was at capture (``static_decode.graph_key``: parameter storage, kernel choice, adapter state; in-place optimizer
+was at capture (``kernels/graph_key.py``: parameter storage, kernel choice, adapter state; in-place optimizer
 updates need no new capture). Anything else runs the ordinary eager forward, as does a forward while an earlier
 replay still waits for its backward (a second replay would overwrite the activations that backward needs).
 
@@ -34,8 +34,8 @@ import weakref
 import torch
 from transformers.utils import logging
 
-from . import static_decode
-from .module_hooks import runs_hooks
+from ..kernels.graph_key import graph_key, moved_by_hooks
+from ..kernels.module_hooks import runs_hooks
 
 logger = logging.get_logger(__name__)
 
@@ -71,7 +71,30 @@ def can_graph(text_model, hidden: torch.Tensor, *, cache, segments, output_hidde
         return False  # nothing to train in the stack: no backward to graph
     # Hooks on the embedding (PEFT's enable_input_require_grads) run eagerly before the graph: only the stack counts.
     stack = (*text_model.layers, text_model.norm)
-    return not runs_hooks(stack) and not static_decode.moved_by_hooks(text_model)
+    return not runs_hooks(stack) and not moved_by_hooks(text_model)
+
+
+def graphed_stack(
+    text_model,
+    hidden,
+    position_embeddings,
+    attention_mask,
+    padding_mask,
+    *,
+    cache,
+    segments,
+    output_hidden_states,
+    output_attentions,
+) -> torch.Tensor | None:
+    """The one seam between the text model's forward and this module: the decoder stack's output, replayed from (or
+    captured into) CUDA graphs, when this forward is one they replay exactly (``can_graph``); None otherwise, and the
+    forward runs its layers itself."""
+    if not can_graph(
+        text_model, hidden, cache=cache, segments=segments,
+        output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+    ):  # fmt: skip
+        return None
+    return run(text_model, hidden, *position_embeddings, attention_mask, padding_mask)
 
 
 def _graphable(tensor: torch.Tensor) -> bool:
@@ -143,7 +166,7 @@ def _shape_key(text_model, inputs) -> tuple:
     shapes = tuple(None if t is None else (t.shape, t.dtype, t.device, t.requires_grad) for t in inputs)
     autocast = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
     grads = tuple(p.requires_grad for p in stack_parameters(text_model))
-    return shapes, autocast, grads, static_decode.graph_key(text_model)
+    return shapes, autocast, grads, graph_key(text_model)
 
 
 def stack_parameters(text_model) -> list[torch.nn.Parameter]:

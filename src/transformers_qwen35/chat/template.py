@@ -34,8 +34,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .presets import SIZES, size_of
-from .sampling import thinking_by_default
+from ..generation.sampling import thinking_by_default
+from ..model.presets import SIZES, size_of
 
 __all__ = ["get_chat_template", "thinking_default_for"]
 
@@ -193,7 +193,7 @@ Reminder:
             earlier turns are history and drop it. -#}
         {%- set think = '<think>\n' ~ reasoning ~ '\n</think>\n\n' if loop.index0 > request.start else '' %}
         {{- '<|im_start|>assistant\n' }}
-        {#- What the assistant wrote, through its <|im_end|> (what training_data.py labels): the span that
+        {#- What the assistant wrote, through its <|im_end|> (what training/data.py labels): the span that
             apply_chat_template(return_assistant_tokens_mask=True) marks, and TRL's assistant_only_loss trains. -#}
         {%- generation %}
         {{- think ~ content }}

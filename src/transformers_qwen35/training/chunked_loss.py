@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .module_hooks import runs_hooks
+from ..kernels.module_hooks import runs_hooks
 
 # At most this many fp32 logits per chunk (2^26 elements = 256 MiB). A chunk's working set is a few buffers of that
 # size (the logits in the model's dtype, their fp32 copy, the softmax or log-softmax and, in the checkpointed

@@ -31,8 +31,8 @@ import weakref
 
 import torch
 
-from . import kernels
-from .cache import Qwen3_5HybridCache
+from ..core.cache import Qwen3_5HybridCache
+from ..kernels.graph_key import graph_key
 
 CUDA_GRAPHS_ENV = "TRANSFORMERS_QWEN35_CUDA_GRAPHS"
 # Capacities are rounded up to a multiple of this, so that the next call with a slightly longer prompt (a chat turn)
@@ -164,40 +164,6 @@ class StaticHybridCache(Qwen3_5HybridCache):
         self.key_valid.index_copy_(1, self.slot + steps, steps[None, :] < kept[:, None].to(self.slot.device))
         self.slot += longest
         self.seen_tokens += longest
-
-
-def moved_by_hooks(model) -> bool:
-    """Whether accelerate's hooks move weights or activations in Python around the forward (a ``device_map`` over
-    several devices, CPU or disk offload): a graph would replay one call's transient copies, so no graphs then."""
-    return any(hasattr(module, "_hf_hook") for module in model.modules())
-
-
-def adapter_layers(model) -> list:
-    """The PEFT adapter layers injected into ``model`` (none without peft installed)."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except Exception:  # peft not installed (or broken): no adapter layers can exist
-        return []
-    return [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
-
-
-def graph_key(model) -> tuple:
-    """What a captured graph depends on beyond its buffers' shapes. It replays the kernels, weight addresses and Python
-    branches of the forward it recorded: new parameter storage (a moved or reloaded model, added adapters), train/eval
-    mode, the kernel choice (small ops included), and PEFT adapter state (enabled, active, merged, scaling; switched
-    without touching the weights' memory) each need a new capture. In-place weight updates need none: the graph reads
-    the memory."""
-    adapters = tuple(
-        (
-            tuple(layer.active_adapters),
-            bool(layer.disable_adapters),
-            tuple(layer.merged_adapters),
-            tuple(sorted(getattr(layer, "scaling", {}).items())),
-        )
-        for layer in adapter_layers(model)
-    )
-    weights = tuple(parameter.data_ptr() for parameter in model.parameters())
-    return weights, model.training, kernels.kernel_mode(), kernels.small_ops_on_fla(), adapters
 
 
 def static_cache_for(model, prefill: Qwen3_5HybridCache, key_valid: torch.Tensor, needed: int, config):
