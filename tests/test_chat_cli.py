@@ -159,3 +159,21 @@ def test_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(capsys, monkeyp
     assert "that line is not valid UTF-8 text" in err
     (reply,) = expected_turns(demo_dir, [("Hello there", False)])
     assert out.startswith(reply["content"])  # the bad line left nothing in the conversation
+
+
+def test_stats_report_each_turn_and_quantized_weights_chat(capsys, monkeypatch, demo_dir):
+    lines = ["Hello there", "Again"]
+    code, out, err = chat(capsys, monkeypatch, demo_dir, lines, "--stats", "--temperature", "0")
+    assert code == 0, err
+    stats = [line for line in err.splitlines() if "qwen35: prompt:" in line]  # after the "> " prompt
+    assert len(stats) == 2 and all("tok/s after the first" in line for line in stats), err
+    code, plain_out, plain_err = chat(capsys, monkeypatch, demo_dir, lines, "--temperature", "0")
+    assert code == 0 and plain_out == out  # --stats writes to stderr only
+    assert "qwen35: prompt:" not in plain_err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\nAgain\n"))
+    code = cli.main(["chat", "--model", str(demo_dir), "--max-new-tokens", str(NEW_TOKENS), "--device", "cpu",
+                     "--quantize", "int4", "--temperature", "0", "--stats"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "weights quantised to int4" in captured.err
+    assert captured.err.count("qwen35: prompt:") == 2

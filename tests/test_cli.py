@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import runpy
 import select
 import shutil
@@ -25,6 +26,8 @@ import transformers_qwen35
 from transformers_qwen35.cli import common as cli_common
 from transformers_qwen35.cli import main as cli
 from transformers_qwen35.cli.demo import IM_END, build_demo_checkpoint, build_demo_tokenizer
+from transformers_qwen35.kernels.cpu_linear import bf16_packing_supported
+from transformers_qwen35.model.cpu_weights import pack_for_cpu
 
 ERROR_PREFIX = "qwen35: error: "
 CPU = ["--device", "cpu", "--dtype", "float32"]  # the reference below runs float32 on CPU too
@@ -145,6 +148,39 @@ def test_generate_no_chat_prints_exactly_the_greedy_continuation(capsys, demo_di
     assert code == 0, err
     assert out == greedy_reply(reference, prompt, 10) + "\n"
     assert prompt not in out  # skip_prompt: only the new text is printed
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantize_prints_the_packed_models_greedy_text_and_stats_give_speeds(capsys, demo_dir, reference, weights):
+    """--quantize loads bf16 and packs as pack_for_cpu does; --stats adds one line of speeds to stderr."""
+    tokenizer = reference[0]
+    model = AutoModelForCausalLM.from_pretrained(demo_dir, dtype=torch.bfloat16).eval()
+    packed_reference = (tokenizer, pack_for_cpu(model, weights))
+    prompt = "The quick brown fox"
+    code, out, err = run_main(
+        capsys, "generate", "--model", str(demo_dir), "--no-chat", "--max-new-tokens", "10", "--device", "cpu",
+        "--quantize", weights, "--stats", prompt,
+    )  # fmt: skip
+    assert code == 0, err
+    assert out == greedy_reply(packed_reference, prompt, 10) + "\n"
+    stats = [line for line in err.splitlines() if line.startswith("qwen35: prompt:")]
+    assert len(stats) == 1, err
+    prompt_tokens = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    assert re.fullmatch(
+        rf"qwen35: prompt: {prompt_tokens} tokens in [0-9.]+ s \([0-9.]+ tok/s\); "
+        r"reply: 10 tokens, [0-9.]+ tok/s after the first",
+        stats[0],
+    ), stats[0]
+
+
+def test_cpu_dtype_is_bf16_where_the_cpu_multiplies_bf16_natively():
+    assert cli_common.choose_dtype("auto", "cpu") == (torch.bfloat16 if bf16_packing_supported() else torch.float32)
+    assert cli_common.choose_dtype("float32", "cpu") == torch.float32
+    assert cli_common.choose_dtype("auto", "cpu", "int4") == torch.bfloat16
+    with pytest.raises(cli_common.CliError, match="leave out --dtype float32"):
+        cli_common.choose_dtype("float32", "cpu", "int8")
+    with pytest.raises(cli_common.CliError, match="on a GPU leave it out"):
+        cli_common.choose_dtype("auto", "cuda", "int8")
 
 
 def test_generate_chat_applies_the_template(capsys, demo_dir, reference):

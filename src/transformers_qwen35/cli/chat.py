@@ -29,7 +29,11 @@ from ..generation.sampling import apply_card
 from .common import (
     ALLOW_MISSING_HELP,
     MTP_HELP,
+    QUANTIZE_CHOICES,
+    QUANTIZE_HELP,
+    STATS_HELP,
     CliError,
+    Throughput,
     check_checkpoint,
     check_text,
     choose_device,
@@ -39,6 +43,7 @@ from .common import (
     info,
     load_tokenizer,
     non_negative_int,
+    prepare_weights,
     resolve_model_source,
     seed_value,
 )
@@ -182,7 +187,8 @@ class ChatSession:
         inputs = {key: value.to(self.model.device) for key, value in inputs.items() if hasattr(value, "to")}
         settings, processors = self.settings(vision=any(part["type"] == "image" for part in content))
         parser = StreamingResponseParser(thinking=self.thinking)
-        streamer = _PrintingStreamer(self.tokenizer, parser, not self.args.hide_reasoning, self.color)
+        printer = _PrintingStreamer(self.tokenizer, parser, not self.args.hide_reasoning, self.color)
+        streamer = Throughput(printer) if self.args.stats else printer
         interrupt = _Interrupt()
         previous = signal.signal(signal.SIGINT, lambda *_: setattr(interrupt, "requested", True))
         try:
@@ -196,9 +202,11 @@ class ChatSession:
             signal.signal(signal.SIGINT, previous)
         if interrupt.requested:
             info("stopped")
-        reply = {"role": "assistant", "content": self._history_text("".join(streamer.content))}
+        if self.args.stats:
+            info(streamer.summary())
+        reply = {"role": "assistant", "content": self._history_text("".join(printer.content))}
         if self.thinking:
-            reply["reasoning_content"] = self._history_text("".join(streamer.reasoning))
+            reply["reasoning_content"] = self._history_text("".join(printer.reasoning))
         self.messages.append(reply)
 
     def _history_text(self, text: str) -> str:
@@ -222,14 +230,14 @@ class ChatSession:
         return settings, processors
 
 
-def _load(source, dtype, device):
+def _load(source, dtype, device, quantize):
     """The vision-language model and processor when the checkpoint has a vision tower, else the text model."""
     with contextlib.suppress(Exception):
         processor = AutoProcessor.from_pretrained(source.load_from, local_files_only=source.local_files_only)
         model = AutoModelForImageTextToText.from_pretrained(
             source.load_from, dtype=dtype, local_files_only=source.local_files_only
         )
-        return model.to(device).eval(), processor.tokenizer, processor
+        return prepare_weights(model.to(device).eval(), device, quantize), processor.tokenizer, processor
     tokenizer = load_tokenizer(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -237,7 +245,7 @@ def _load(source, dtype, device):
         )
     except Exception as error:
         raise CliError(describe_load_error("model", source, error)) from None
-    return model.to(device).eval(), tokenizer, None
+    return prepare_weights(model.to(device).eval(), device, quantize), tokenizer, None
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -253,7 +261,8 @@ def run_chat(args: argparse.Namespace) -> int:
         check_checkpoint(source, args.allow_missing_weights)
         device = choose_device(args.device)
         info(f"loading {source.name} on {device}")
-        model, tokenizer, processor = _load(source, choose_dtype(args.dtype, device), device)
+        dtype = choose_dtype(args.dtype, device, args.quantize)
+        model, tokenizer, processor = _load(source, dtype, device, args.quantize)
         thinking = args.think if args.think is not None else thinking_default_for(model.config)
         if args.seed is not None:
             torch.manual_seed(args.seed)
@@ -315,6 +324,8 @@ def add_chat_parser(commands, generation_types) -> None:
     add("--seed", type=seed_value, default=None, metavar="S", help="seed the sampler")
     add("--mtp", type=non_negative_int, default=0, metavar="K", help=MTP_HELP)
     add("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="weights dtype (default: auto)")
+    add("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
+    add("--stats", action="store_true", help=STATS_HELP)
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: auto)")
     add("--verbose", action="store_true", help="show transformers' progress bars and warnings")
     add("--debug", action="store_true", help="on an error, show the full traceback")

@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,10 +24,13 @@ import torch
 from huggingface_hub import constants as hub_constants
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as transformers_logging
 
 from ..core.configuration import Qwen3_5TextConfig
+from ..kernels.cpu_linear import bf16_packing_supported
 from ..model.checkpoint import check_checkpoint_tensors
+from ..model.cpu_weights import pack_for_cpu
 
 PROG = "qwen35"
 DEFAULT_MODEL = "Qwen/Qwen3.5-0.8B"
@@ -289,13 +293,75 @@ def choose_device(requested: str) -> str:
     return requested
 
 
-def choose_dtype(requested: str, device: str):
-    """``auto``: bfloat16 on a GPU that has it (the checkpoints' own dtype), float32 elsewhere (CPU bf16 is slow)."""
+def choose_dtype(requested: str, device: str, quantize: str | None = None):
+    """``auto``: bfloat16 (the checkpoints' own dtype) on a GPU that has it and on a CPU with native bf16 products
+    (AVX512-BF16 or AMX: the weights are then packed for CPU decoding, see ``prepare_weights``), float32 elsewhere.
+    Quantised weights run with bfloat16 activations."""
+    if quantize is not None:
+        if device != "cpu":
+            raise CliError(f"--quantize {quantize} packs the weights for CPU decoding; on a GPU leave it out.")
+        if requested == "float32":
+            raise CliError(f"--quantize {quantize} runs with bfloat16 activations: leave out --dtype float32.")
+        return torch.bfloat16
     if requested == "auto":
         if device == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
+        if device == "cpu" and bf16_packing_supported():
+            return torch.bfloat16
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[requested]
+
+
+def prepare_weights(model, device: str, quantize: str | None):
+    """On the CPU, pack a bfloat16 model's language-model weights for decoding (``model/cpu_weights.py``): quantised
+    to ``quantize`` (int8 / int4), or as bf16 where the CPU has native bf16 products (the same results, faster)."""
+    weights = quantize or ("bf16" if model.dtype == torch.bfloat16 and bf16_packing_supported() else None)
+    if device != "cpu" or weights is None:
+        return model
+    started = time.perf_counter()
+    pack_for_cpu(model, weights)
+    if quantize is not None:
+        info(f"weights quantised to {quantize} in {time.perf_counter() - started:.1f} s")
+    return model
+
+
+class Throughput(BaseStreamer):
+    """Hands every call on to ``inner`` and times them: generate() puts the prompt first, and the prompt's forward
+    has ended when the first new token arrives."""
+
+    def __init__(self, inner: BaseStreamer):
+        self.inner = inner
+        self.started = time.perf_counter()
+        self.prompt_tokens: int | None = None
+        self.first_token_at: float | None = None
+        self.ended_at: float | None = None
+        self.new_tokens = 0
+
+    def put(self, value):
+        if self.prompt_tokens is None:
+            self.prompt_tokens = int(value.shape[-1])
+        else:
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            self.new_tokens += value.numel()
+        self.inner.put(value)
+
+    def end(self):
+        self.ended_at = time.perf_counter()
+        self.inner.end()
+
+    def summary(self) -> str:
+        if self.first_token_at is None or self.ended_at is None:
+            return "no tokens generated"
+        prompt_time = self.first_token_at - self.started
+        line = (
+            f"prompt: {self.prompt_tokens} tokens in {prompt_time:.2f} s ({self.prompt_tokens / prompt_time:.1f} tok/s)"
+        )
+        decode_time = self.ended_at - self.first_token_at
+        if self.new_tokens > 1 and decode_time > 0:
+            rate = (self.new_tokens - 1) / decode_time
+            line += f"; reply: {self.new_tokens} tokens, {rate:.1f} tok/s after the first"
+        return line
 
 
 def load_tokenizer(source: ModelSource):
@@ -324,7 +390,7 @@ def check_checkpoint(source: ModelSource, allow_missing_weights: bool = False) -
         check_hub_config(source)
 
 
-def load_model(source: ModelSource, dtype, device: str):
+def load_model(source: ModelSource, dtype, device: str, quantize: str | None = None):
     # The Auto factories give our classes because importing this package (and so this module) registered them.
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -332,7 +398,7 @@ def load_model(source: ModelSource, dtype, device: str):
         )
     except Exception as error:
         raise CliError(describe_load_error("model", source, error)) from None
-    return model.to(device).eval()
+    return prepare_weights(model.to(device).eval(), device, quantize)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -480,6 +546,13 @@ MTP_HELP = (
     "draft K tokens per step with the checkpoint's multi-token-prediction head and verify them in one pass "
     "(same output, faster when drafts are accepted; 0 = off, default: %(default)s)"
 )
+
+QUANTIZE_CHOICES = ("int8", "int4")
+QUANTIZE_HELP = (
+    "CPU only: quantise the weights to 8 or 4 bits when loading (about 2x / 3.5x less memory read per token than "
+    "bf16, faster decoding, slightly different output; docs/performance.md)"
+)
+STATS_HELP = "after each reply, print the prompt and reply speeds (tokens per second) to stderr"
 
 
 ALLOW_MISSING_HELP = "run a checkpoint that lacks some weights (they are random: the output is meaningless)"

@@ -34,7 +34,11 @@ from .common import (
     FROM_GENERATION_CONFIG,
     MTP_HELP,
     PROG,
+    QUANTIZE_CHOICES,
+    QUANTIZE_HELP,
+    STATS_HELP,
     CliError,
+    Throughput,
     build_prompt,
     check_checkpoint,
     check_text,
@@ -66,11 +70,11 @@ def run_generate(args: argparse.Namespace) -> int:
     source = resolve_model_source(args.model)
     check_checkpoint(source, args.allow_missing_weights)
     device = choose_device(args.device)
-    dtype = choose_dtype(args.dtype, device)
+    dtype = choose_dtype(args.dtype, device, args.quantize)
     origin = "" if source.is_local or not source.local_files_only else " (offline: from the local cache)"
     info(f"loading {source.name}{origin} on {device} ({str(dtype).removeprefix('torch.')})")
     tokenizer = load_tokenizer(source)
-    model = load_model(source, dtype, device)
+    model = load_model(source, dtype, device, args.quantize)
     inputs = encode_prompt(tokenizer, model, build_prompt(tokenizer, args.prompt, not args.no_chat, args.thinking))
     base, processors = copy.deepcopy(model.generation_config), []
     size = getattr(model, "recommended_sampling_size", None)
@@ -81,6 +85,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if args.stats:
+        streamer = Throughput(streamer)
     try:
         with torch.inference_mode():
             model.generate(
@@ -91,6 +97,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise  # main() knows these; a closed stdout is the reader's choice, not a generation failure
     except Exception as error:
         raise CliError(f"generation failed: {type(error).__name__}: {first_line(error)}") from None
+    if args.stats:
+        info(streamer.summary())
     return 0
 
 
@@ -161,14 +169,16 @@ def generation_options(max_new_tokens: int) -> argparse.ArgumentParser:
         "--dtype",
         choices=("auto", "float32", "bfloat16"),
         default="auto",
-        help="weights dtype; auto = bfloat16 on a GPU, float32 on CPU (default: auto)",
+        help="weights dtype; auto = bfloat16 on a GPU and on a CPU with native bf16, else float32 (default: auto)",
     )
+    add("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
     add(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
         help="where to run; auto = cuda when available (default: auto)",
     )
+    add("--stats", action="store_true", help=STATS_HELP)
     add("--verbose", action="store_true", help="show transformers' progress bars and warnings")
     add("--debug", action="store_true", help="on an error, show the full traceback")
     add("--allow-missing-weights", action="store_true", help=ALLOW_MISSING_HELP)

@@ -70,6 +70,8 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
     # What forward's skip_logits=None means in training with labels. Set False for a trainer that reads
     # outputs.logits in training. (TRL 1.16's SFTTrainer computes its loss from the hidden states itself.)
     skip_logits_in_training: bool = True
+    # The format cpu_weights.pack_for_cpu packed the language model's linear layers in (bf16, int8, int4), or None.
+    cpu_weights: str | None = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -123,6 +125,11 @@ class Qwen3_5PreTrainedModel(PreTrainedModel):
         return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        if self.cpu_weights is not None:
+            raise ValueError(
+                f"this model's weights are packed for CPU decoding ({self.cpu_weights}) and cannot be saved: save "
+                "the checkpoint it was loaded from, before pack_for_cpu"
+            )
         super().save_pretrained(save_directory, *args, **kwargs)
         is_main = kwargs.get("is_main_process", True)
         if self.carried_tensors is not None and is_main and kwargs.get("safe_serialization", True):

@@ -84,7 +84,9 @@ def set_mtp_head(model, head: Qwen3_5MultiTokenPredictor | None) -> None:
 def mtp_head(model) -> Qwen3_5MultiTokenPredictor:
     """The model's MTP head, built from its checkpoint on first use and kept on the ``lm_head``'s device and dtype."""
     lm_head = model.get_output_embeddings()
-    device, dtype = lm_head.weight.device, model.get_input_embeddings().weight.dtype
+    # A head packed for CPU decoding (cpu_weights.py) holds buffers, not a weight.
+    anchor = lm_head.weight if hasattr(lm_head, "weight") else next(lm_head.buffers())
+    device, dtype = anchor.device, model.get_input_embeddings().weight.dtype
     head = model.__dict__.get("_mtp_head")
     if head is None:
         head = _load_head(model)
