@@ -19,8 +19,8 @@ behind ``nn.Linear``'s interface; the kernels themselves are PyTorch's.
 
 Formats (``PackedLinear.weights``):
 
-* ``bf16``: the bf16 weight reordered by oneDNN (what inductor's freezing pass does to linear layers). The products and
-  results are those of ``F.linear`` on the same weight.
+* ``bf16``: the bf16 weight reordered by oneDNN (what inductor's freezing pass does to linear layers): the products of
+  ``F.linear`` on the same weight, with fp32 accumulation; results equal up to summation order.
 * ``int8``: symmetric per output channel, ``w ~ q * s`` with ``q`` in [-127, 127] and ``s = max|w_row| / 127``.
 * ``int4``: asymmetric in groups of ``INT4_GROUP`` inputs (the tinygemm layout): ``w ~ (q - 8) * s + z`` with ``q`` in
   [0, 15], ``s = (max - min) / 15`` and ``z = min + 8 s`` per group; 5 bits a weight with the bf16 scale and offset.
