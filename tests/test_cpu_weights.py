@@ -153,3 +153,18 @@ def test_packing_refuses_what_it_cannot_serve(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="one of"):
         pack_for_cpu(tiny_model(), "fp8")
+
+
+def test_mtp_drafts_run_on_a_packed_model(tmp_path):
+    """The MTP head shares the packed output head: greedy output stays that of plain decoding on the packed model."""
+    from transformers import AutoModelForCausalLM
+
+    from transformers_qwen35.cli.demo import build_demo_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(build_demo_checkpoint(tmp_path), dtype=torch.bfloat16).eval()
+    pack_for_cpu(model, "int8")
+    ids = torch.randint(0, 500, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=10, do_sample=False)
+        drafted = model.generate(ids, max_new_tokens=10, do_sample=False, mtp_draft_tokens=2)
+    assert torch.equal(drafted, plain)

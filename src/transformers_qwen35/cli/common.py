@@ -549,7 +549,7 @@ MTP_HELP = (
 
 QUANTIZE_CHOICES = ("int8", "int4")
 QUANTIZE_HELP = (
-    "CPU only: quantise the weights to 8 or 4 bits when loading (about 2x / 3.5x less memory read per token than "
+    "CPU only: quantise the weights to 8 or 4 bits when loading (about 2x / 3x fewer bytes read per token than "
     "bf16, faster decoding, slightly different output; docs/performance.md)"
 )
 STATS_HELP = "after each reply, print the prompt and reply speeds (tokens per second) to stderr"
