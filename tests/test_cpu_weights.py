@@ -168,3 +168,27 @@ def test_mtp_drafts_run_on_a_packed_model(tmp_path):
         plain = model.generate(ids, max_new_tokens=10, do_sample=False)
         drafted = model.generate(ids, max_new_tokens=10, do_sample=False, mtp_draft_tokens=2)
     assert torch.equal(drafted, plain)
+
+
+def test_a_packed_model_decodes_on_the_static_loop_by_default():
+    """generate() on a packed CPU model takes the static loop (its kept cache shows it) with the dynamic loop's tokens;
+    what the static loop does not serve (beam search) keeps transformers' loop."""
+    from transformers_qwen35.generation.static_decode import _CACHES, release_static_cache
+
+    model = pack_for_cpu(tiny_model(), "int8")
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        dynamic = model.generate(
+            ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, cache_implementation="dynamic"
+        )
+        assert model not in _CACHES
+        default = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        assert model in _CACHES
+        release_static_cache(model)
+        model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, num_beams=2)
+        assert model not in _CACHES
+    assert torch.equal(default, dynamic)
+    unpacked = tiny_model()
+    with torch.no_grad():
+        unpacked.generate(ids, max_new_tokens=3, do_sample=False)
+    assert unpacked not in _CACHES  # an unpacked CPU model keeps transformers' loop

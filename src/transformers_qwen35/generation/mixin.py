@@ -79,11 +79,17 @@ def _decodes_on_cuda_graphs(model) -> bool:
     return model.device.type == "cuda" and cuda_graphs_enabled()
 
 
+def _packed_for_cpu(model) -> bool:
+    return model.device.type == "cpu" and getattr(model, "cpu_weights", None) is not None
+
+
 def _static_by_default(model, kwargs: dict) -> bool:
     """On CUDA, plain ``generate()`` replays each decoding step as a CUDA graph (many times faster than launching
     ~24 layers of small kernels from Python) whenever the request is one the static loop serves exactly; anything
-    else (beam search, per-step outputs, a cache to continue, a returned cache...) keeps transformers' loop."""
-    if not _decodes_on_cuda_graphs(model) or moved_by_hooks(model):
+    else (beam search, per-step outputs, a cache to continue, a returned cache...) keeps transformers' loop. A model
+    packed for CPU decoding (``model/cpu_weights.py``) takes the static loop too: without graphs, its leaner step is
+    still ~10 % faster there (0.8B, packed bf16, 2 cores: 6.6 -> 7.3 tokens/s)."""
+    if not (_decodes_on_cuda_graphs(model) or _packed_for_cpu(model)) or moved_by_hooks(model):
         return False
     if adapter_layers(model):
         # PEFT adapters switch in Python (enable, disable, set_adapter, scale): each switch would need a new capture.
