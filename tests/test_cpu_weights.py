@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transformers_qwen35 import Qwen3_5ForCausalLM
+from transformers_qwen35 import Qwen3_5ForCausalLM, pack_for_cpu
 from transformers_qwen35.kernels.cpu_linear import (
     INT4_GROUP,
     INT8_DEQUANTIZE_ROWS,
@@ -21,7 +21,6 @@ from transformers_qwen35.kernels.cpu_linear import (
     quantize_int4,
     quantize_int8,
 )
-from transformers_qwen35.model.cpu_weights import pack_for_cpu
 from transformers_qwen35.model.presets import tiny_config
 
 needs_bf16 = pytest.mark.skipif(not bf16_packing_supported(), reason="this CPU has no native bf16 products")

@@ -18,6 +18,7 @@ from .model.classification import (
     Qwen3_5ForTokenClassification,
     Qwen3_5TextForSequenceClassification,
 )
+from .model.cpu_weights import pack_for_cpu
 from .model.modeling import Qwen3_5ForCausalLM, Qwen3_5PreTrainedModel, Qwen3_5TextModel
 from .model.multimodal import Qwen3_5ForConditionalGeneration, Qwen3_5Model
 from .model.vision import Qwen3_5VisionModel
@@ -57,6 +58,7 @@ __all__ = [
     "tokenize_chat",
     "load_chat_dataset",
     "PaddingCollator",
+    "pack_for_cpu",
     "register",
     "__version__",
 ]
