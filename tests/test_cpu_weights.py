@@ -191,3 +191,18 @@ def test_a_packed_model_decodes_on_the_static_loop_by_default():
     with torch.no_grad():
         unpacked.generate(ids, max_new_tokens=3, do_sample=False)
     assert unpacked not in _CACHES  # an unpacked CPU model keeps transformers' loop
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantising_in_row_blocks_packs_what_one_block_would(monkeypatch, weights):
+    """Large layers are quantised a block of rows at a time (bounded temporaries); the packed layer is the same."""
+    from transformers_qwen35.kernels import cpu_linear
+
+    layer = linear(rows=192)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    whole = PackedLinear(layer, weights)
+    monkeypatch.setattr(cpu_linear, "QUANTIZE_ROWS", 64)
+    blocks = PackedLinear(layer, weights)
+    for name, buffer in whole.named_buffers():
+        assert torch.equal(dict(blocks.named_buffers())[name], buffer), name
+    assert torch.equal(blocks(x), whole(x))
