@@ -17,7 +17,6 @@ from transformers_qwen35.kernels.cpu_linear import (
     PackedLinear,
     bf16_packing_supported,
     can_pack,
-    dequantize_int4,
     quantize_int4,
     quantize_int8,
 )
@@ -99,6 +98,12 @@ def test_packed_layers_take_bf16_cpu_inputs_only():
         layer(torch.randn(1, 128))
     with pytest.raises(ValueError, match="one of"):
         PackedLinear(linear(), "int3")
+
+
+def dequantize_int4(q, scale, zero):
+    """The weight the tinygemm layout stands for, ``(q - 8) * s + z`` per group (written here, not imported)."""
+    group = q.shape[1] // scale.shape[1]
+    return (q.float() - 8) * scale.repeat_interleave(group, dim=1) + zero.repeat_interleave(group, dim=1)
 
 
 def tiny_model(dtype=torch.bfloat16):

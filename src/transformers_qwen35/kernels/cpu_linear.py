@@ -77,12 +77,6 @@ def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.
     return q.reshape(rows, columns).to(torch.int32), scale, zero
 
 
-def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """The fp32 weight ``quantize_int4``'s output stands for (for tests and error reports)."""
-    group = q.shape[1] // scale.shape[1]
-    return (q.float() - 8) * scale.repeat_interleave(group, dim=1) + zero.repeat_interleave(group, dim=1)
-
-
 def can_pack(linear: nn.Linear, weights: str) -> bool:
     """Whether ``linear`` fits ``weights``' kernel (int4: inputs a multiple of the group, outputs of 16)."""
     if weights == "int4":

@@ -42,8 +42,3 @@ def pack_for_cpu(model: nn.Module, weights: str) -> nn.Module:
                 setattr(module, child_name, PackedLinear(child, weights))
     model.cpu_weights = weights
     return model
-
-
-def packed_weights(model: nn.Module) -> str | None:
-    """The format ``pack_for_cpu`` packed ``model`` in, or None."""
-    return getattr(model, "cpu_weights", None)

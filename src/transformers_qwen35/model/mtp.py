@@ -18,6 +18,8 @@ from the checkpoint files the model was loaded from (``model.carried_tensors``, 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -84,8 +86,8 @@ def set_mtp_head(model, head: Qwen3_5MultiTokenPredictor | None) -> None:
 def mtp_head(model) -> Qwen3_5MultiTokenPredictor:
     """The model's MTP head, built from its checkpoint on first use and kept on the ``lm_head``'s device and dtype."""
     lm_head = model.get_output_embeddings()
-    # A head packed for CPU decoding (cpu_weights.py) holds buffers, not a weight.
-    anchor = lm_head.weight if hasattr(lm_head, "weight") else next(lm_head.buffers())
+    # The head's first tensor, parameter or buffer: a head packed for CPU decoding (cpu_weights.py) holds no weight.
+    anchor = next(itertools.chain(lm_head.parameters(), lm_head.buffers()))
     device, dtype = anchor.device, model.get_input_embeddings().weight.dtype
     head = model.__dict__.get("_mtp_head")
     if head is None:
