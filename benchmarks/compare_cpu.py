@@ -44,7 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # real_tokenizer: the offline build of the real tokenizer
 
 # Ours at each setting -> the llama.cpp type with the same (or the nearest) bytes per weight.
+COMPILED = "compiled"  # a setting's suffix: decoding compiled with torch.compile (generation/compiled_step.py)
 PAIRS = {"bf16 packed": "f16", "int8": "q8_0", "int4": "Q4_K_M"}
+PAIRS.update({f"{ours} {COMPILED}": theirs for ours, theirs in list(PAIRS.items())})
 LLAMA_TYPES = {"f16": None, "q8_0": "Q8_0", "Q4_K_M": "Q4_K_M"}  # None: the converter's own output
 
 
@@ -55,7 +57,11 @@ def parse_args(argv=None):
     parser.add_argument("--new", type=int, default=64, help="greedy tokens generated (default: 64)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs, median reported (default: 3)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both (default: all cores)")
-    parser.add_argument("--settings", default="fp32,bf16,bf16 packed,int8,int4", help="ours, comma-separated")
+    parser.add_argument(
+        "--settings",
+        default="fp32,bf16,bf16 packed,int8,int4,bf16 packed compiled,int8 compiled,int4 compiled",
+        help="ours, comma-separated; ' compiled' after a setting decodes with torch.compile",
+    )
     parser.add_argument("--llama-cpp", type=Path, help="llama.cpp source tree with build/bin/llama-bench")
     parser.add_argument("--workdir", type=Path, help="where the checkpoint and GGUF files go (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
@@ -82,14 +88,17 @@ def write_checkpoint(directory: Path, size: str, seed: int) -> Path:
 
 
 def load(directory: Path, setting: str):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, CompileConfig
 
     from transformers_qwen35.model.cpu_weights import pack_for_cpu
 
-    dtype = torch.float32 if setting == "fp32" else torch.bfloat16
+    weights = setting.removesuffix(f" {COMPILED}")
+    dtype = torch.float32 if weights == "fp32" else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
-    if setting not in ("fp32", "bf16"):
-        pack_for_cpu(model, "bf16" if setting == "bf16 packed" else setting)
+    if weights not in ("fp32", "bf16"):
+        pack_for_cpu(model, "bf16" if weights == "bf16 packed" else weights)
+    if weights != setting:
+        model.generation_config.compile_config = CompileConfig()
     return model
 
 
@@ -98,7 +107,9 @@ def time_ours(model, ids: torch.Tensor, new: int, repeats: int) -> dict:
     first of a greedy ``generate()``, i.e. (total - prefill) / (new - 1))."""
     prefill, total = [], []
     with torch.inference_mode():
-        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
+        started = time.perf_counter()
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up (and compilation)
+        warm_up = time.perf_counter() - started
         for _ in range(repeats):
             started = time.perf_counter()
             model(ids, logits_to_keep=1)
@@ -108,7 +119,10 @@ def time_ours(model, ids: torch.Tensor, new: int, repeats: int) -> dict:
             total.append(time.perf_counter() - started)
     p, t = statistics.median(prefill), statistics.median(total)
     decode = (new - 1) / (t - p) if t > p else None
-    return {"prefill_tok_s": ids.shape[1] / p, "decode_tok_s": decode, "tokens": tokens[0, ids.shape[1] :]}
+    return {
+        "prefill_tok_s": ids.shape[1] / p, "decode_tok_s": decode, "warm_up_s": warm_up,
+        "tokens": tokens[0, ids.shape[1] :],
+    }  # fmt: skip
 
 
 def quality(model, sequence: torch.Tensor, reference_logits: torch.Tensor, prompt: int) -> dict:
@@ -235,9 +249,9 @@ def main(argv=None) -> dict:
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     from transformers_qwen35.kernels.cpu_linear import bf16_packing_supported
 
-    if "bf16 packed" in settings and not bf16_packing_supported():
+    if not bf16_packing_supported():
         print("this CPU has no native bf16 products: 'bf16 packed' is left out", file=sys.stderr)
-        settings.remove("bf16 packed")
+        settings = [s for s in settings if not s.startswith("bf16 packed")]
     with tempfile.TemporaryDirectory(prefix="qwen35-cpu-") as scratch:
         workdir = args.workdir or Path(scratch)
         directory = write_checkpoint(workdir / "checkpoint", args.size, args.seed)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from transformers_qwen35.kernels.cpu_linear import bf16_packing_supported
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -114,11 +116,13 @@ def test_compare_cpu_times_and_judges_every_setting_of_ours(tmp_path):
     stdout = run_script(
         sys.executable, "benchmarks/compare_cpu.py", "--size", "tiny", "--prompt", "16", "--new", "4",
         "--repeats", "1", "--threads", "1", "--workdir", str(tmp_path), "--json-out", str(out),
+        "--settings", "fp32,bf16,bf16 packed,int8,int4,int4 compiled",
     )  # fmt: skip
     result = json.loads(stdout)
     assert json.loads(out.read_text()) == result
     rows = {row["setting"]: row for row in result["rows"]}
-    assert set(rows) == {"fp32", "bf16", "bf16 packed", "int8", "int4"} or set(rows) == {"fp32", "bf16", "int8", "int4"}
+    expected = {"fp32", "bf16", "bf16 packed", "int8", "int4", "int4 compiled"}
+    assert set(rows) == (expected if bf16_packing_supported() else expected - {"bf16 packed"})
     assert rows["fp32"]["logits_rel_error_vs_fp32"] == 0 and rows["fp32"]["tokens_equal_fp32"]
     assert all(row["prefill_tok_s"] > 0 and 0 <= row["logits_rel_error_vs_fp32"] < 0.5 for row in rows.values())
     assert rows["bf16"]["top1_agreement_vs_fp32"] > 0.5

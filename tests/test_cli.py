@@ -173,6 +173,19 @@ def test_quantize_prints_the_packed_models_greedy_text_and_stats_give_speeds(cap
     ), stats[0]
 
 
+def test_compile_compiles_before_the_reply_and_prints_the_same_greedy_text(capsys, demo_dir, reference):
+    """--compile: the decoding step is compiled (torch.compile, inductor) on a short generation first, then the
+    reply is the eager model's greedy text (float32: the same tokens)."""
+    prompt = "The quick brown fox"
+    code, out, err = run_main(
+        capsys, "generate", "--model", str(demo_dir), "--no-chat", "--max-new-tokens", "10", *CPU, "--compile", prompt
+    )
+    assert code == 0, err
+    assert out == greedy_reply(reference, prompt, 10) + "\n"
+    assert re.search(r"decoding step compiled in [0-9]+ s", err), err
+    assert "could not compile" not in err
+
+
 def test_cpu_dtype_is_bf16_where_the_cpu_multiplies_bf16_natively():
     assert cli_common.choose_dtype("auto", "cpu") == (torch.bfloat16 if bf16_packing_supported() else torch.float32)
     assert cli_common.choose_dtype("float32", "cpu") == torch.float32

@@ -28,6 +28,7 @@ from ..chat.template import thinking_default_for
 from ..generation.sampling import apply_card
 from .common import (
     ALLOW_MISSING_HELP,
+    COMPILE_HELP,
     MTP_HELP,
     QUANTIZE_CHOICES,
     QUANTIZE_HELP,
@@ -38,6 +39,7 @@ from .common import (
     check_text,
     choose_device,
     choose_dtype,
+    compile_decoding,
     describe_load_error,
     generation_settings,
     info,
@@ -263,6 +265,8 @@ def run_chat(args: argparse.Namespace) -> int:
         info(f"loading {source.name} on {device}")
         dtype = choose_dtype(args.dtype, device, args.quantize)
         model, tokenizer, processor = _load(source, dtype, device, args.quantize)
+        if args.compile:
+            compile_decoding(model, tokenizer, device)
         thinking = args.think if args.think is not None else thinking_default_for(model.config)
         if args.seed is not None:
             torch.manual_seed(args.seed)
@@ -325,6 +329,7 @@ def add_chat_parser(commands, generation_types) -> None:
     add("--mtp", type=non_negative_int, default=0, metavar="K", help=MTP_HELP)
     add("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="weights dtype (default: auto)")
     add("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
+    add("--compile", action="store_true", help=COMPILE_HELP)
     add("--stats", action="store_true", help=STATS_HELP)
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: auto)")
     add("--verbose", action="store_true", help="show transformers' progress bars and warnings")

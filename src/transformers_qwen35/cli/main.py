@@ -27,6 +27,7 @@ from ..generation.sampling import apply_card
 from .chat import add_chat_parser
 from .common import (
     ALLOW_MISSING_HELP,
+    COMPILE_HELP,
     DEFAULT_MODEL,
     DEFAULT_PROMPT,
     EXIT_ERROR,
@@ -44,6 +45,7 @@ from .common import (
     check_text,
     choose_device,
     choose_dtype,
+    compile_decoding,
     encode_prompt,
     first_line,
     generation_settings,
@@ -75,6 +77,8 @@ def run_generate(args: argparse.Namespace) -> int:
     info(f"loading {source.name}{origin} on {device} ({str(dtype).removeprefix('torch.')})")
     tokenizer = load_tokenizer(source)
     model = load_model(source, dtype, device, args.quantize)
+    if args.compile:
+        compile_decoding(model, tokenizer, device)
     inputs = encode_prompt(tokenizer, model, build_prompt(tokenizer, args.prompt, not args.no_chat, args.thinking))
     base, processors = copy.deepcopy(model.generation_config), []
     size = getattr(model, "recommended_sampling_size", None)
@@ -178,6 +182,7 @@ def generation_options(max_new_tokens: int) -> argparse.ArgumentParser:
         default="auto",
         help="where to run; auto = cuda when available (default: auto)",
     )
+    add("--compile", action="store_true", help=COMPILE_HELP)
     add("--stats", action="store_true", help=STATS_HELP)
     add("--verbose", action="store_true", help="show transformers' progress bars and warnings")
     add("--debug", action="store_true", help="on an error, show the full traceback")

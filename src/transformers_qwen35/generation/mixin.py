@@ -83,13 +83,25 @@ def _packed_for_cpu(model) -> bool:
     return model.device.type == "cpu" and getattr(model, "cpu_weights", None) is not None
 
 
+def _compiled_on_cpu(model, kwargs: dict) -> bool:
+    """A CPU model asked for compiled decoding (``compile_config``, ``compiled_step.py``), which our static loop
+    provides there."""
+    config = kwargs.get("generation_config") or model.generation_config
+    compile_config = kwargs.get("compile_config", getattr(config, "compile_config", None))
+    disabled = kwargs.get("disable_compile", getattr(config, "disable_compile", False))
+    return model.device.type == "cpu" and compile_config is not None and not disabled
+
+
 def _static_by_default(model, kwargs: dict) -> bool:
     """On CUDA, plain ``generate()`` replays each decoding step as a CUDA graph (many times faster than launching
     ~24 layers of small kernels from Python) whenever the request is one the static loop serves exactly; anything
     else (beam search, per-step outputs, a cache to continue, a returned cache...) keeps transformers' loop. A model
     packed for CPU decoding (``model/cpu_weights.py``) takes the static loop too: without graphs, its leaner step is
-    still ~10 % faster there (0.8B, packed bf16, 2 cores: 6.6 -> 7.3 tokens/s)."""
-    if not (_decodes_on_cuda_graphs(model) or _packed_for_cpu(model)) or moved_by_hooks(model):
+    still ~10 % faster there (0.8B, packed bf16, 2 cores: 6.6 -> 7.3 tokens/s), as does any CPU model asked for
+    compiled decoding (``compile_config``)."""
+    if moved_by_hooks(model):
+        return False
+    if not (_decodes_on_cuda_graphs(model) or _packed_for_cpu(model) or _compiled_on_cpu(model, kwargs)):
         return False
     if adapter_layers(model):
         # PEFT adapters switch in Python (enable, disable, set_adapter, scale): each switch would need a new capture.

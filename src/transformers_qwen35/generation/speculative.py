@@ -47,8 +47,10 @@ from transformers.utils import logging
 from ..core.cache import Qwen3_5HybridCache
 from ..core.masks import CACHE_FIELD, build_attention_mask
 from ..kernels.graph_key import moved_by_hooks
+from .compiled_step import CPU_CAPACITY_STEP, compile_arguments, compiled_forward_block
 from .sampling import PresencePenaltyLogitsProcessor
 from .static_decode import (
+    CAPACITY_STEP,
     CUDA_GRAPHS_ENV,
     GraphedBlock,
     StaticHybridCache,
@@ -206,6 +208,9 @@ class _Run:
         fixed_rope = self.text_model.rotary_emb.rescale_past is None
         self.use_graphs = static and input_ids.is_cuda and cuda_graphs_enabled() and not moved_by_hooks(model)
         self.use_graphs = self.use_graphs and fixed_rope
+        # On the CPU, the static block compiled with torch.compile when the generation config asks (compile_config).
+        arguments = compile_arguments(generation_config, input_ids.device) if static else None
+        self.compiled_block = compiled_forward_block(model, arguments) if arguments is not None else None
         self.processors, self.criteria = processors, criteria
         self.greedy = not generation_config.do_sample
         self.prompt = input_ids
@@ -268,7 +273,8 @@ class _Run:
         self.last = first
         if self.static:
             needed = self.prompt_length + self.max_new + self.K + 1
-            self.cache = static_cache_for(model, self.cache, valid, needed, self.text_model.config)
+            step = CPU_CAPACITY_STEP if self.compiled_block is not None else CAPACITY_STEP
+            self.cache = static_cache_for(model, self.cache, valid, needed, self.text_model.config, step)
         if not self.K:
             return
 
@@ -360,7 +366,7 @@ class _Run:
                 if graphs[length] is not None:
                     # The graph's own output tensor: read (lm_head, MTP head) before the next replay overwrites it.
                     return graphs[length](block, rope)
-            return forward_block(self.model, self.cache, block, rope)
+            return (self.compiled_block or forward_block)(self.model, self.cache, block, rope)
         batch, length = block.shape
         key_valid = torch.cat([self.key_valid, torch.ones(batch, length, dtype=torch.bool, device=self.device)], 1)
         return self.model.model(

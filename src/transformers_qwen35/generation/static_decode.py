@@ -80,8 +80,12 @@ class StaticHybridCache(Qwen3_5HybridCache):
                 shape = (batch, config.num_key_value_heads, capacity, config.head_dim)
                 self.key_cache[i] = torch.zeros(shape, dtype=dtype, device=device)
                 self.value_cache[i] = torch.zeros(shape, dtype=dtype, device=device)
-        self.conv_states = _InPlaceList(self.conv_states)
-        self.recurrent_states = _InPlaceList(self.recurrent_states)
+        if torch.device(device).type == "cuda":
+            # A captured graph reads these buffers: new states are copied into them. Elsewhere a layer's new states
+            # replace the old ones (on the CPU a compiled step returns them; copying them in would cost ~18 MB of
+            # copies per token at 0.8B).
+            self.conv_states = _InPlaceList(self.conv_states)
+            self.recurrent_states = _InPlaceList(self.recurrent_states)
         self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # first slot the next block writes
         self.graphs: dict[int, GraphedBlock] = {}  # block length -> captured forward over these buffers
@@ -166,13 +170,16 @@ class StaticHybridCache(Qwen3_5HybridCache):
         self.seen_tokens += longest
 
 
-def static_cache_for(model, prefill: Qwen3_5HybridCache, key_valid: torch.Tensor, needed: int, config):
+def static_cache_for(
+    model, prefill: Qwen3_5HybridCache, key_valid: torch.Tensor, needed: int, config, step: int = CAPACITY_STEP
+):
     """The static cache for decoding ``needed`` positions after this prompt, holding the prompt's state, leased to
     the calling ``generate()`` until ``return_static_cache``: the model's cache of the previous call (with its
     graphs) when it fits and the model is as it was at capture (``graph_key``), else a new one replacing it. While
-    another call holds the model's cache, a private one (no graphs kept)."""
+    another call holds the model's cache, a private one (no graphs kept). Capacities are rounded up to a multiple of
+    ``step``."""
     reference = next(state for state in prefill.key_cache if state is not None)
-    shape = (key_valid.shape[0], -(-needed // CAPACITY_STEP) * CAPACITY_STEP, reference.dtype, reference.device)
+    shape = (key_valid.shape[0], -(-needed // step) * step, reference.dtype, reference.device)
     key = graph_key(model)
     with _LEASE:
         cached = _CACHES.get(model)

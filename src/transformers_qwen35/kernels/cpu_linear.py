@@ -27,6 +27,10 @@ Formats (``PackedLinear.weights``):
 
 All three take and return bf16 activations (the quantised kernels are fast only for those). Packed layers are for
 inference: they hold no ``weight`` parameter, train nothing, and a model holding them refuses ``save_pretrained``.
+
+Under ``torch.compile`` (compiled CPU decoding, ``generation/compiled_step.py``) the int8 and int4 products go to
+inductor as they are (it has lowerings for both); the packed bf16 product goes as ``packed_bf16_linear``, an opaque
+custom op, because inductor's lowering of oneDNN's product only takes weights it packed itself (graph constants).
 """
 
 from __future__ import annotations
@@ -48,6 +52,19 @@ INT8_DEQUANTIZE_ROWS = 32
 # peaked at 5.3 GB of memory in one block, 2.5 GB in blocks). A multiple of 64: the int4 packing of row blocks
 # concatenates to the whole's (tested).
 QUANTIZE_ROWS = 8192
+
+
+@torch.library.custom_op("transformers_qwen35::packed_bf16_linear", mutates_args=())
+def packed_bf16_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """oneDNN's product of ``x`` with a weight packed by ``_reorder_linear_weight``, as one op a compiler keeps whole."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@packed_bf16_linear.register_fake
+def _(x, packed, bias, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 def bf16_packing_supported() -> bool:
@@ -122,6 +139,9 @@ class PackedLinear(nn.Module):
                 "load the model with dtype=torch.bfloat16 and keep it on the CPU"
             )
         if self.weights == "bf16":
+            if torch.compiler.is_compiling():
+                return packed_bf16_linear(x, self.packed, self.bias, self.out_features)
+            # Eagerly the op directly: the custom op's dispatch would add ~10 us to each of ~190 products a token.
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         flat = x.reshape(-1, self.in_features).contiguous()
         if self.weights == "int8" and flat.shape[0] >= INT8_DEQUANTIZE_ROWS:

@@ -254,20 +254,26 @@ def _ones(size: int, device: torch.device) -> torch.Tensor | None:
     return ones
 
 
-@contextlib.contextmanager
 def norm_weights_prepared(model: torch.nn.Module, x: torch.Tensor):
     """Within the block, ``model``'s zero-centred RMSNorms (``model.norm_modules()``) read ``1 + w`` made for all of
     them at once (a concatenation and one add, ~2 kernels instead of one per norm). Without autograd and on fla's
     norm only (as chosen for the activations ``x``): the values are made afresh on entry, so a CUDA graph captured
     inside reads the weights as they are at each replay. Not where something manages the weights per module at call
     time (hooks: accelerate's offload, FSDP; sharded, partitioned or meta weights): read on entry they would not be
-    the ones the norms run with."""
+    the ones the norms run with. Nor inside a ``torch.compile`` graph (compiled CPU decoding): fla is not there, and
+    the tracer cannot follow this generator."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
     fla = None if torch.is_grad_enabled() else _small_ops(x)
     norms = model.norm_modules() if fla is not None and fla.rms_norm is not None else []
     weights = [norm.weight for norm in norms]
     if not norms or not _preparable(norms, weights):
-        yield
-        return
+        return contextlib.nullcontext()
+    return _prepared(norms, weights)
+
+
+@contextlib.contextmanager
+def _prepared(norms, weights):
     flat = torch.cat([weight.reshape(-1) for weight in weights])
     ones = _ones(flat.numel(), flat.device)
     plus_one = 1.0 + flat.float() if ones is None else torch.add(ones, flat)
