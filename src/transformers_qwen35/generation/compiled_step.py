@@ -14,9 +14,10 @@ CPU model asked for it takes our static decoding loop by default (as CUDA models
 passed on; ``fullgraph`` is always on: the block is one graph, so a failed compilation fails before any state was
 touched, and decoding then goes on eagerly after one warning (no C++ compiler, a PyTorch without inductor).
 
-Cost: the first step compiles (0.8B on 2 cores: ~35 s; inductor keeps its work in its on-disk cache, ~15 s in a
-later process). A new batch size or cache capacity recompiles once, after which dynamo makes that dimension dynamic;
-on the CPU static caches therefore grow in steps of ``CPU_CAPACITY_STEP`` positions (a chat rarely crosses one).
+Cost: the first step compiles (0.8B on 2 cores: ~30 s; inductor keeps its work in its on-disk cache, ~15 s in a
+later process). The static cache's capacity (the prompt and reply rounded up to 256 positions, so it grows with a
+conversation) is a dynamic dimension of the graph: a longer chat does not recompile. A new batch size or block length
+(MTP verification) does, once each.
 """
 
 from __future__ import annotations
@@ -32,10 +33,6 @@ from transformers.utils import logging
 from .static_decode import forward_block
 
 logger = logging.get_logger(__name__)
-
-# Attention spans the whole static cache: at 0.8B a 2,048-position cache adds ~25 MB read per token (~1 ms here),
-# against a recompilation (tens of seconds) each time a chat outgrows a smaller step.
-CPU_CAPACITY_STEP = 2048
 
 # model -> {torch.compile arguments -> its compiled block}; kept beside the model, as static_decode keeps its cache.
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -87,6 +84,10 @@ class _CompiledBlock:
     def __call__(self, model, cache, ids, positions):
         if self.failed:
             return forward_block(model, cache, ids, positions)
+        for buffer in [*cache.key_cache, *cache.value_cache]:
+            if buffer is not None:  # (B, n_kv, capacity, d)
+                torch._dynamo.maybe_mark_dynamic(buffer, 2)
+        torch._dynamo.maybe_mark_dynamic(cache.key_valid, 1)  # (B, capacity)
         try:
             return self.compiled(model, cache, ids, positions)
         except torch._dynamo.exc.TorchDynamoException as error:

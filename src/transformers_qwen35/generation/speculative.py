@@ -47,10 +47,9 @@ from transformers.utils import logging
 from ..core.cache import Qwen3_5HybridCache
 from ..core.masks import CACHE_FIELD, build_attention_mask
 from ..kernels.graph_key import moved_by_hooks
-from .compiled_step import CPU_CAPACITY_STEP, compile_arguments, compiled_forward_block
+from .compiled_step import compile_arguments, compiled_forward_block
 from .sampling import PresencePenaltyLogitsProcessor
 from .static_decode import (
-    CAPACITY_STEP,
     CUDA_GRAPHS_ENV,
     GraphedBlock,
     StaticHybridCache,
@@ -273,8 +272,7 @@ class _Run:
         self.last = first
         if self.static:
             needed = self.prompt_length + self.max_new + self.K + 1
-            step = CPU_CAPACITY_STEP if self.compiled_block is not None else CAPACITY_STEP
-            self.cache = static_cache_for(model, self.cache, valid, needed, self.text_model.config, step)
+            self.cache = static_cache_for(model, self.cache, valid, needed, self.text_model.config)
         if not self.K:
             return
 

@@ -144,7 +144,8 @@ class StaticHybridCache(Qwen3_5HybridCache):
 
     def block_mask(self, length: int) -> torch.Tensor:
         """Boolean ``(B, 1, length, capacity)``: query ``t`` of the block sees the real keys up to its own slot."""
-        slots = torch.arange(self.capacity, device=self.slot.device)
+        # The buffer's length rather than self.capacity: a compiled block (compiled_step.py) keeps it symbolic.
+        slots = torch.arange(self.key_valid.shape[1], device=self.slot.device)
         reach = self.slot + torch.arange(length, device=self.slot.device)  # (T,)
         causal = slots[None, :] <= reach[:, None]  # (T, capacity)
         block = (slots >= self.slot) & (slots < self.slot + length)  # the block's own keys, not yet marked valid
@@ -170,16 +171,13 @@ class StaticHybridCache(Qwen3_5HybridCache):
         self.seen_tokens += longest
 
 
-def static_cache_for(
-    model, prefill: Qwen3_5HybridCache, key_valid: torch.Tensor, needed: int, config, step: int = CAPACITY_STEP
-):
+def static_cache_for(model, prefill: Qwen3_5HybridCache, key_valid: torch.Tensor, needed: int, config):
     """The static cache for decoding ``needed`` positions after this prompt, holding the prompt's state, leased to
     the calling ``generate()`` until ``return_static_cache``: the model's cache of the previous call (with its
     graphs) when it fits and the model is as it was at capture (``graph_key``), else a new one replacing it. While
-    another call holds the model's cache, a private one (no graphs kept). Capacities are rounded up to a multiple of
-    ``step``."""
+    another call holds the model's cache, a private one (no graphs kept)."""
     reference = next(state for state in prefill.key_cache if state is not None)
-    shape = (key_valid.shape[0], -(-needed // step) * step, reference.dtype, reference.device)
+    shape = (key_valid.shape[0], -(-needed // CAPACITY_STEP) * CAPACITY_STEP, reference.dtype, reference.device)
     key = graph_key(model)
     with _LEASE:
         cached = _CACHES.get(model)
