@@ -5,14 +5,16 @@ setting on a checkpoint with learned structure, against our float32 forward on t
 
 * the checkpoint: ``--checkpoint DIR`` (any Qwen3.5 checkpoint, e.g. a downloaded Qwen/Qwen3.5-0.8B), or by default
   a small model of the official layout (0.8B's, narrowed to 512 wide and 4 layers, real 248,320-token vocabulary and
-  tokenizer) trained from random by the full fine-tuning recipe (``examples/finetune/full.py``) on its chat data;
+  tokenizer) trained from random by the full fine-tuning recipe (``examples/finetune/full.py``) on its chat data, then
+  saved in bf16 as the official checkpoints are;
 * the text: the recipe's first ``--rows`` chat rows, rendered with the chat template (the rows it evaluates on);
 * per setting: logits relative error ``|l - l_fp32| / |l_fp32|`` and mean KL(fp32 || setting) over every position,
   teacher-forced top-1 agreement with fp32, and the greedy continuation of each row's prompt (``--greedy`` tokens)
   compared with fp32's (tokens equal position by position, and the mean length of the identical prefix);
 * ours: bf16 as loaded, and bf16 / int8 / int4 packed (``pack_for_cpu``), each also decoded compiled;
 * llama.cpp (``--llama-cpp DIR``, optional): the checkpoint converted to f16 and quantised to q8_0 and Q4_K_M, run
-  through the llama-cpp-python bindings (``import llama_cpp`` must work; see compare_cpu.py for the build).
+  through the llama-cpp-python bindings (``import llama_cpp`` must work; see compare_cpu.py for the build), weights
+  in their plain layout (no repacking).
 
 Prints one JSON object (machine, versions, date, rows); ``--json-out`` writes it too.
 """
@@ -85,7 +87,14 @@ def train_small_model(workdir: Path, steps: int) -> Path:
     ]  # fmt: skip
     print("training:", " ".join(command), file=sys.stderr, flush=True)
     subprocess.run(command, check=True, stdout=sys.stderr)
-    return trained
+    # Saved in bf16, as the official checkpoints are: bf16 then loads the checkpoint's own weights, and llama.cpp's
+    # f16 holds them exactly too; only the arithmetic differs from the fp32 reference.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = workdir / "trained-bf16"
+    AutoModelForCausalLM.from_pretrained(trained, dtype=torch.bfloat16).save_pretrained(final)
+    AutoTokenizer.from_pretrained(trained).save_pretrained(final)
+    return final
 
 
 def texts(tokenizer, rows: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -135,6 +144,17 @@ def run_llama(llama: Path, checkpoint: Path, workdir: Path, conversations, promp
     import llama_cpp
     import numpy
 
+    # As compare_cpu.py's `--repack 0`: the repacked (AMX) q8_0 / Q4_K_M layouts of llama-cpp-python 0.3.36's
+    # llama.cpp crash on this model; the bindings have no switch for it, so their default parameters get one.
+    default_parameters = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_repacking():
+        parameters = default_parameters()
+        parameters.use_extra_bufts = False
+        return parameters
+
+    llama_cpp.llama_cpp.llama_model_default_params = without_repacking
+
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(llama / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
     f16 = workdir / "model-f16.gguf"
     subprocess.run(
@@ -171,7 +191,7 @@ def judge(logits, continuations, reference_logits, reference_continuations) -> d
     errors, kls, agree, positions = [], [], 0, 0
     for ours, ref in zip(logits, reference_logits):
         errors.append(((ours - ref).norm() / ref.norm()).item())
-        log_p, log_q = ref.log_softmax(-1), ours.log_softmax(-1)
+        log_p, log_q = ref.double().log_softmax(-1), ours.double().log_softmax(-1)  # fp32 rounding: KL below 0
         kls.append((log_p.exp() * (log_p - log_q)).sum(-1).mean().item())
         agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())
         positions += ref.shape[0]

@@ -335,8 +335,7 @@ def compile_decoding(model, tokenizer, device: str) -> None:
     if device != "cpu":
         return
     model.generation_config.compile_config = CompileConfig()
-    info("compiling the decoding step with torch.compile (0.8B: ~35 s the first time, ~15 s once cached; "
-         "--no-compile skips it)")  # fmt: skip
+    info("compiling the decoding step with torch.compile (0.8B on 2 cores: ~30 s the first time, ~15 s once cached)")
     started = time.perf_counter()
     prompt = torch.tensor([[tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]])
     with torch.inference_mode():
@@ -575,8 +574,8 @@ QUANTIZE_HELP = (
     "bf16, faster decoding, slightly different output; docs/performance.md)"
 )
 COMPILE_HELP = (
-    "CPU only: compile the decoding step with torch.compile before the first reply (0.8B on 2 cores: ~35 s the first "
-    "time, ~15 s once cached; then 20-50%% more tokens per second)"
+    "CPU only: compile the decoding step with torch.compile before the first reply (0.8B on 2 cores: ~30 s the first "
+    "time, ~15 s once cached; then 20-40%% more tokens per second)"
 )
 STATS_HELP = "after each reply, print the prompt and reply speeds (tokens per second) to stderr"
 

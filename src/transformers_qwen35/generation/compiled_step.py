@@ -2,17 +2,18 @@
 
 Why: on a CPU one decoding step of the 0.8B model is ~190 matrix-vector products (every weight read once: ~70 ms at
 the ~21 GB/s two cores of our test machine stream) and ~2,600 small ATen ops with Python between them (~45 ms:
-norms, gates, the DeltaNet recurrence, ~900 copies and dtype conversions). Inductor fuses the small ops into a few
-dozen C++ loops and takes over the int8 / int4 products, which leaves mostly the streaming of the weights (0.8B, 2
-cores, tokens/s eager -> compiled: packed bf16 8.0 -> 9.8, int8 9.6 -> 12.4, int4 15 -> 22). On CUDA the same block
-is replayed as a CUDA graph instead (``static_decode.GraphedBlock``).
+norms, gates, the DeltaNet recurrence, ~900 copies and dtype conversions). Inductor fuses the small ops into C++
+loops, which leaves mostly the matrix products (0.8B, 2 cores, tokens/s eager -> compiled: packed bf16 8.5 -> 10.1,
+int8 10.0 -> 12.2, int4 15.3 -> 21.4; llama.cpp at the same bytes per weight 10.4 / 14.1 / 18.8;
+docs/performance.md). On CUDA the same block is replayed as a CUDA graph instead (``static_decode.GraphedBlock``).
 
 Asked for with transformers' own switch, ``generate(..., compile_config=CompileConfig())`` (or once for all calls,
 ``model.generation_config.compile_config = CompileConfig()``); ``disable_compile=True`` turns it off for a call. A
 CPU model asked for it takes our static decoding loop by default (as CUDA models and models packed by
-``pack_for_cpu`` do), for the requests that loop serves exactly. ``CompileConfig``'s ``backend``, ``dynamic`` and ``options`` (or ``mode``) are
-passed on; ``fullgraph`` is always on: the block is one graph, so a failed compilation fails before any state was
-touched, and decoding then goes on eagerly after one warning (no C++ compiler, a PyTorch without inductor).
+``pack_for_cpu`` do), for the requests that loop serves exactly. ``CompileConfig``'s ``backend``, ``dynamic`` and
+``options`` (or ``mode``) are passed on; ``fullgraph`` is always on: the block is one graph, so a failed compilation
+fails before any state was touched, and decoding then goes on eagerly after one warning (no C++ compiler, a PyTorch
+without inductor).
 
 Cost: the first step compiles (0.8B on 2 cores: ~30 s; inductor keeps its work in its on-disk cache, ~15 s in a
 later process). The static cache's capacity (the prompt and reply rounded up to 256 positions, so it grows with a
