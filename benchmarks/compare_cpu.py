@@ -159,7 +159,8 @@ def run_ours(directory: Path, settings: list[str], ids: torch.Tensor, args) -> l
     return rows
 
 
-def run_llama(llama: Path, directory: Path, workdir: Path, args) -> tuple[list[dict], dict]:
+def convert_to_f16(llama: Path, directory: Path, workdir: Path) -> Path:
+    """The checkpoint as a llama.cpp f16 file, by llama.cpp's own ``convert_hf_to_gguf.py``."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(llama / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
     f16 = workdir / "model-f16.gguf"
     done = subprocess.run(
@@ -169,10 +170,28 @@ def run_llama(llama: Path, directory: Path, workdir: Path, args) -> tuple[list[d
     )  # fmt: skip
     if done.returncode != 0:
         raise SystemExit(f"convert_hf_to_gguf.py failed:\n{done.stderr[-3000:]}")
+    return f16
+
+
+def llama_file(llama: Path, f16: Path, name: str) -> Path:
+    """The llama.cpp file of type ``name`` (a key of ``LLAMA_TYPES``): ``f16`` itself, or ``llama-quantize``-d."""
+    quant = LLAMA_TYPES[name]
+    if quant is None:
+        return f16
+    path = f16.with_name(f"model-{name}.gguf")
+    subprocess.run(
+        [str(llama / "build/bin/llama-quantize"), str(f16), str(path), quant],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return path
+
+
+def run_llama(llama: Path, directory: Path, workdir: Path, args) -> tuple[list[dict], dict]:
+    f16 = convert_to_f16(llama, directory, workdir)
     rows, info = [], {}
-    for name, quant in LLAMA_TYPES.items():
+    for name in LLAMA_TYPES:
         try:
-            row, info = _llama_row(llama, f16, workdir, name, quant, args)
+            row, info = _llama_row(llama, llama_file(llama, f16, name), name, args)
         except subprocess.CalledProcessError as error:  # one type failing (a crash on odd shapes) keeps the others
             row = {
                 "engine": "llama.cpp",
@@ -184,13 +203,7 @@ def run_llama(llama: Path, directory: Path, workdir: Path, args) -> tuple[list[d
     return rows, info
 
 
-def _llama_row(llama: Path, f16: Path, workdir: Path, name: str, quant: str | None, args) -> tuple[dict, dict]:
-    path = f16 if quant is None else workdir / f"model-{name}.gguf"
-    if quant is not None:
-        subprocess.run(
-            [str(llama / "build/bin/llama-quantize"), str(f16), str(path), quant],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+def _llama_row(llama: Path, path: Path, name: str, args) -> tuple[dict, dict]:
     bench = [str(llama / "build/bin/llama-bench"), "-m", str(path), "-p", str(args.prompt), "-n", str(args.new),
              "-t", str(args.threads), "-r", str(args.repeats), "-o", "json"]  # fmt: skip
     repacked = True
@@ -275,9 +288,14 @@ def main(argv=None) -> dict:
         "rows": rows,
         "ratios": ratios(rows),
     }
+    return emit(result, args.json_out)
+
+
+def emit(result: dict, json_out: Path | None) -> dict:
+    """Print ``result`` as JSON, and write it to ``json_out`` when given."""
     text = json.dumps(result, indent=1)
-    if args.json_out:
-        args.json_out.write_text(text + "\n")
+    if json_out:
+        json_out.write_text(text + "\n")
     print(text)
     return result
 

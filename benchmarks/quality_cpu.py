@@ -36,11 +36,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # real_tokenizer
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from compare_cpu import machine, versions  # noqa: E402
+from compare_cpu import LLAMA_TYPES, convert_to_f16, emit, llama_file, load, machine, versions  # noqa: E402
 
 DATA = ROOT / "examples" / "data" / "chat.jsonl"
 OURS = ["bf16", "bf16 packed", "int8", "int4", "bf16 packed compiled", "int8 compiled", "int4 compiled"]
-LLAMA_TYPES = {"f16": None, "q8_0": "Q8_0", "Q4_K_M": "Q4_K_M"}
 
 
 def parse_args(argv=None):
@@ -112,22 +111,6 @@ def texts(tokenizer, rows: int) -> tuple[list[list[int]], list[list[int]]]:
     return conversations, prompts
 
 
-def load_ours(checkpoint: Path, setting: str):
-    from transformers import AutoModelForCausalLM, CompileConfig
-
-    from transformers_qwen35 import pack_for_cpu
-
-    weights = setting.removesuffix(" compiled")
-    model = AutoModelForCausalLM.from_pretrained(
-        checkpoint, dtype=torch.float32 if weights == "fp32" else torch.bfloat16
-    ).eval()
-    if weights not in ("fp32", "bf16"):
-        pack_for_cpu(model, "bf16" if weights == "bf16 packed" else weights)
-    if weights != setting:
-        model.generation_config.compile_config = CompileConfig()
-    return model
-
-
 def run_ours(model, conversations, prompts, greedy: int):
     with torch.inference_mode():
         logits = [model(torch.tensor([ids])).logits[0].float() for ids in conversations]
@@ -155,17 +138,9 @@ def run_llama(llama: Path, checkpoint: Path, workdir: Path, conversations, promp
 
     llama_cpp.llama_cpp.llama_model_default_params = without_repacking
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(llama / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
-    f16 = workdir / "model-f16.gguf"
-    subprocess.run(
-        [sys.executable, str(llama / "convert_hf_to_gguf.py"), str(checkpoint), "--outtype", "f16", "--outfile",
-         str(f16)], env=env, check=True, capture_output=True,
-    )  # fmt: skip
-    for name, quant in LLAMA_TYPES.items():
-        path = f16 if quant is None else workdir / f"model-{name}.gguf"
-        if quant is not None:
-            subprocess.run([str(llama / "build/bin/llama-quantize"), str(f16), str(path), quant], check=True,
-                           capture_output=True)  # fmt: skip
+    f16 = convert_to_f16(llama, checkpoint, workdir)
+    for name in LLAMA_TYPES:
+        path = llama_file(llama, f16, name)
         longest = max(len(ids) for ids in conversations + prompts) + greedy + 8
         engine = llama_cpp.Llama(
             model_path=str(path), n_ctx=longest, n_batch=longest, logits_all=True, n_threads=threads, verbose=False
@@ -226,12 +201,12 @@ def main(argv=None) -> dict:
         checkpoint = args.checkpoint or train_small_model(workdir, args.train_steps)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         conversations, prompts = texts(tokenizer, args.rows)
-        model = load_ours(checkpoint, "fp32")
+        model = load(checkpoint, "fp32")
         reference = run_ours(model, conversations, prompts, args.greedy)
         del model
         rows = []
         for setting in settings:
-            model = load_ours(checkpoint, setting)
+            model = load(checkpoint, setting)
             row = {"engine": "ours", "setting": setting, **judge(*run_ours(model, conversations, prompts, args.greedy),
                                                                   *reference)}  # fmt: skip
             print(json.dumps(row), file=sys.stderr, flush=True)
@@ -254,11 +229,7 @@ def main(argv=None) -> dict:
         "versions": versions(),
         "rows": rows,
     }
-    text = json.dumps(result, indent=1)
-    if args.json_out:
-        args.json_out.write_text(text + "\n")
-    print(text)
-    return result
+    return emit(result, args.json_out)
 
 
 if __name__ == "__main__":

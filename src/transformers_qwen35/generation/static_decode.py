@@ -152,8 +152,10 @@ class StaticHybridCache(Qwen3_5HybridCache):
         return (causal[None] & (self.key_valid | block[None, :])[:, None, :])[:, None]
 
     def record_linear_step(self, layer_idx, conv_state, recurrent_state, *inputs) -> None:
-        # The buffers are about to be overwritten in place: keep copies of the states the block started from.
-        super().record_linear_step(layer_idx, conv_state.clone(), recurrent_state.clone(), *inputs)
+        if isinstance(self.conv_states, _InPlaceList):
+            # The buffers are about to be overwritten in place: keep copies of the states the block started from.
+            conv_state, recurrent_state = conv_state.clone(), recurrent_state.clone()
+        super().record_linear_step(layer_idx, conv_state, recurrent_state, *inputs)
 
     def advance(self, length: int) -> None:
         """Mark a block of ``length`` new slots as written by every row (plain decoding)."""
